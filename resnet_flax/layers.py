@@ -1,0 +1,130 @@
+"""Layers with PyTorch's numerics: convolutions with explicit padding and BatchNorm2d semantics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+# torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), an untruncated normal.
+kaiming_normal_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    in_planes: int,
+    out_planes: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    dilation: int = 1,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A bias-free conv with PyTorch's symmetric padding (never 'SAME', which pads strided convs unevenly)."""
+    return nnx.Conv(
+        in_planes,
+        out_planes,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=((padding, padding), (padding, padding)),
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kaiming_normal_fan_out,
+        rngs=rngs,
+    )
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1, *,
+            dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+    """3x3 convolution with padding = dilation, as torchvision's ``conv3x3``."""
+    return conv(in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups,
+                dilation=dilation, dtype=dtype, rngs=rngs)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1, *, dtype: Dtype = jnp.float32,
+            rngs: nnx.Rngs) -> nnx.Conv:
+    """1x1 convolution, as torchvision's ``conv1x1``."""
+    return conv(in_planes, out_planes, 1, stride=stride, dtype=dtype, rngs=rngs)
+
+
+def linear(in_features: int, out_features: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear layer initialised like ``torch.nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both tensors."""
+    bound = 1.0 / math.sqrt(in_features)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+        bias_init=bias_init,
+        rngs=rngs,
+    )
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the channel (last) axis with ``torch.nn.BatchNorm2d``'s semantics.
+
+    Train mode normalises with the biased batch variance (two-pass, as PyTorch) and updates
+    ``mean``/``var`` with momentum 0.1 in PyTorch's convention, storing the *unbiased* variance
+    in ``var`` exactly as PyTorch's ``running_var``. ``nnx.Module.eval()``/``train()`` switch modes.
+    Statistics are computed in float32 whatever the compute dtype. Under ``jit`` with a sharded
+    batch the reductions are over the global batch (sync BatchNorm) with no extra code.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.1,
+        epsilon: float = 1e-5,
+        dtype: Dtype = jnp.float32,
+        zero_scale: bool = False,
+        use_running_average: bool = False,
+    ):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.zeros((num_features,)) if zero_scale else jnp.ones((num_features,)))
+        self.bias = nnx.Param(jnp.zeros((num_features,)))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,)))
+        self.var = nnx.BatchStat(jnp.ones((num_features,)))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view(model, use_running_average=...)``."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            n = x.size // x.shape[-1]
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
+            self.var[...] = (1.0 - m) * self.var[...] + m * unbiased
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+        y = xf * mul + (self.bias[...] - mean * mul)
+        return y.astype(self.dtype)
