@@ -1,0 +1,98 @@
+"""Command line: convert a PyTorch ResNet checkpoint to Flax, or a converted file back to PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+VERIFY_TOLERANCE = 1e-4  # relative; float32 parity is ~1e-6, see README
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from resnet_flax.model import ARCHS
+
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert a torchvision-style ResNet checkpoint (.pth/.pt saved with torch.save, a TorchScript "
+                    "archive, or .safetensors) into a resnet_flax weights file, or a converted .flax.safetensors "
+                    "file back into a PyTorch state dict. The architecture is read off the tensors.",
+    )
+    p.add_argument("src", type=Path, help="checkpoint to convert")
+    p.add_argument("--out", type=Path, help="output path (default: next to SRC, as NAME.flax.safetensors, "
+                                             "or NAME.pth when converting back)")
+    p.add_argument("--arch", choices=list(ARCHS), metavar="NAME",
+                   help="expected architecture, checked against the tensors: " + ", ".join(ARCHS))
+    p.add_argument("--dilation", default="0,0,0", metavar="B,B,B",
+                   help="replace_stride_with_dilation for layer2..4 as 0/1 flags (not visible in the weights)")
+    p.add_argument("--verify", action="store_true",
+                   help="run torchvision and the Flax model on one random batch and print the max difference")
+    p.add_argument("--verify-size", type=int, default=224, metavar="PX", help="image size for --verify")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from resnet_flax.io import WeightsError
+
+    try:
+        dilation = tuple(bool(int(f)) for f in args.dilation.split(","))
+        if len(dilation) != 3:
+            raise ValueError
+    except ValueError:
+        print(f"error: --dilation {args.dilation!r}: give three 0/1 flags, e.g. 0,1,1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return run(args, dilation)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
+    import resnet_flax
+    from convert import core
+    from convert.reader import detect_format
+    from resnet_flax.io import WeightsError
+
+    src: Path = args.src
+    if not src.is_file():
+        raise WeightsError(f"{src}: no such file; pass the path of a PyTorch checkpoint")
+    to_flax = detect_format(src) != "flax"
+    out = args.out or core.default_output(src, to_flax)
+    if out.resolve() == src.resolve():
+        raise WeightsError(f"{out}: the output would overwrite the input; pass another --out")
+    if out.exists() and not args.overwrite:
+        raise WeightsError(f"{out} exists; pass --overwrite to replace it or --out for another path")
+
+    t0 = time.perf_counter()
+    if not to_flax:
+        model = resnet_flax.load(src)
+        core.check_arch(model.config, args.arch)
+        core.save_torch(model, out)
+        print(f"found {core.describe(model.config)} in {src}")
+        print(f"wrote PyTorch state dict {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+        return 0
+
+    ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation)
+    model = core.build_model(ckpt)
+    meta = {"source": src.name, "arch": ckpt.arch}
+    resnet_flax.save(model, out, extra_metadata=meta)
+    print(f"found {core.describe(ckpt.config)}, {ckpt.num_params / 1e6:.2f}M parameters, in {src}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
+    if args.verify:
+        abs_err, rel_err = core.compare_outputs(ckpt, model, size=args.verify_size)
+        ok = rel_err <= VERIFY_TOLERANCE
+        print(f"verify ({args.verify_size}x{args.verify_size}, batch 2, eval mode): max abs diff {abs_err:.3g}, "
+              f"max rel diff {rel_err:.3g} -> {'OK' if ok else 'MISMATCH'}")
+        if not ok:
+            print(f"error: outputs differ by more than {VERIFY_TOLERANCE:g} (relative)", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

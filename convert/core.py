@@ -1,0 +1,176 @@
+"""The conversion API: PyTorch file or state dict -> Flax model, Flax model -> PyTorch state dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import resnet_flax
+from resnet_flax.io import WeightsError, abstract_model, atomic_write, flat_state, load_flat_state
+from resnet_flax.layers import Dtype
+from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name
+from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_to_flax
+from convert.reader import detect_format, read_torch_file
+
+FLAX_SUFFIX = resnet_flax.io.SUFFIX
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A PyTorch checkpoint read and mapped: its architecture and the Flax arrays."""
+
+    config: ResNetConfig
+    arrays: dict[str, np.ndarray]
+    torch_state: dict[str, np.ndarray]  # the normalised torchvision-named tensors it came from
+
+    @property
+    def arch(self) -> str:
+        return arch_name(self.config) or "custom"
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(v.size for k, v in self.arrays.items() if not k.endswith(("mean", "var", "tracked"))))
+
+
+def describe(config: ResNetConfig) -> str:
+    """One line naming the architecture, e.g. ``resnet50 (bottleneck blocks [3, 4, 6, 3], groups 1, ...)``."""
+    return (f"{arch_name(config) or 'custom ResNet'} ({config.block} blocks {list(config.layers)}, "
+            f"groups {config.groups}, width/group {config.width_per_group}, {config.num_classes} classes, "
+            f"{config.in_channels} input channels)")
+
+
+def check_arch(config: ResNetConfig, arch: str | None) -> None:
+    """Raise if ``arch`` is unknown or its structure differs from the one the tensors describe."""
+    if arch is None:
+        return
+    if arch not in ARCHS:
+        raise WeightsError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    want = arch_config(arch)
+    if (want.block, want.layers, want.groups, want.width_per_group) != (
+            config.block, config.layers, config.groups, config.width_per_group):
+        raise WeightsError(f"--arch {arch} contradicts the tensors, which describe a {describe(config)}; "
+                           "drop --arch or pass the matching name")
+
+
+def variable_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
+    """Flax key -> shape for every variable of the architecture (computed abstractly, no init cost)."""
+    state = nnx.state(abstract_model(config))
+    return {".".join(str(p) for p in path): tuple(var.shape) for path, var in nnx.to_flat_state(state)}
+
+
+def from_state_dict(sd: dict[str, Any], *, arch: str | None = None,
+                    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> Checkpoint:
+    """Map a PyTorch ResNet state dict (tensors or arrays, any common spelling) to Flax arrays."""
+    sd = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).copy() for k, v in sd.items()}
+    sd = normalize_state_dict(sd)
+    config = dataclasses.replace(infer_config(sd), replace_stride_with_dilation=replace_stride_with_dilation)
+    check_arch(config, arch)
+    return Checkpoint(config, torch_to_flax(sd, variable_shapes(config)), sd)
+
+
+def read_checkpoint(path: str | Path, *, arch: str | None = None,
+                    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> Checkpoint:
+    """Read a .pth/.pt (torch.save), TorchScript or .safetensors ResNet checkpoint and map it to Flax."""
+    return from_state_dict(read_torch_file(path), arch=arch, replace_stride_with_dilation=replace_stride_with_dilation)
+
+
+def build_model(ckpt: Checkpoint, dtype: Dtype = jnp.float32) -> ResNet:
+    """A ready-to-run (eval mode) Flax model holding ``ckpt``'s weights."""
+    model = load_flat_state(abstract_model(ckpt.config, dtype), ckpt.arrays)
+    model.eval()
+    return model
+
+
+def load_model(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.float32,
+               replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> ResNet:
+    """One call from a file to a Flax model: a PyTorch checkpoint (.pth, TorchScript, .safetensors) or a
+    converted ``.flax.safetensors`` file. The model is in eval mode."""
+    path = Path(path)
+    if path.is_file() and detect_format(path) == "flax":
+        model = resnet_flax.load(path, dtype=dtype)
+        check_arch(model.config, arch)
+        return model
+    return build_model(read_checkpoint(path, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation),
+                       dtype)
+
+
+def to_torch_state_dict(model: ResNet) -> "OrderedDict[str, Any]":
+    """The model's weights as a torchvision state dict (``load_state_dict(sd, strict=True)`` accepts it)."""
+    import torch
+
+    arrays = flax_to_torch(flat_state(model))
+    with torch.device("meta"):  # torchvision's key order, without allocating or initialising weights
+        order = list(torchvision_model(model.config).state_dict())
+    sd = OrderedDict()
+    for k in order:
+        t = torch.from_numpy(np.array(arrays[k], order="C"))
+        sd[k] = t.to(torch.int64) if k.endswith("num_batches_tracked") else t.to(torch.float32)
+    return sd
+
+
+def torchvision_model(config: ResNetConfig):
+    """An untrained torchvision model of ``config``'s structure (for verification)."""
+    import torch
+    from torchvision.models import resnet as tvr
+
+    block = tvr.BasicBlock if config.block == "basic" else tvr.Bottleneck
+    model = tvr.ResNet(block, list(config.layers), num_classes=config.num_classes, groups=config.groups,
+                       width_per_group=config.width_per_group,
+                       replace_stride_with_dilation=list(config.replace_stride_with_dilation))
+    if config.in_channels != 3:
+        model.conv1 = torch.nn.Conv2d(config.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return model
+
+
+def compare_outputs(ckpt: Checkpoint, model: ResNet, *, size: int = 224, batch: int = 2,
+                    seed: int = 0) -> tuple[float, float]:
+    """Run torchvision (with the original tensors) and the Flax model on one random batch, in eval mode.
+
+    Returns (max |diff|, max |diff| / max |torch logits|) of the logits, at full float32 precision.
+    """
+    import torch
+
+    tmodel = torchvision_model(ckpt.config)
+    tsd = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.torch_state.items()}
+    result = tmodel.load_state_dict(tsd, strict=False)
+    leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")] + result.unexpected_keys
+    if leftover:
+        raise WeightsError(f"torchvision rejected keys: {leftover[:5]}")
+    tmodel.eval()
+    x = np.random.default_rng(seed).standard_normal((batch, ckpt.config.in_channels, size, size), np.float32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        ref = tmodel(torch.from_numpy(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+        out = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    diff = float(np.max(np.abs(out - ref)))
+    return diff, diff / float(np.max(np.abs(ref)))
+
+
+def default_output(src: Path, to_flax: bool) -> Path:
+    """``resnet18.pth`` -> ``resnet18.flax.safetensors``; ``x.flax.safetensors`` -> ``x.pth``."""
+    name = src.name
+    if to_flax:
+        for suffix in (".pth.tar", ".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return src.with_name(name + FLAX_SUFFIX)
+    name = name[: -len(FLAX_SUFFIX)] if name.endswith(FLAX_SUFFIX) else src.stem
+    return src.with_name(name + ".pth")
+
+
+def save_torch(model: ResNet, path: str | Path) -> Path:
+    """Write ``model`` as a torchvision state dict with torch.save (atomically)."""
+    import torch
+
+    sd = to_torch_state_dict(model)
+    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
