@@ -1,0 +1,251 @@
+"""The converter: every input format, the reverse direction, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import convert
+import resnet_flax
+from convert.__main__ import main as cli
+from conftest import nchw_to_nhwc, rel_err
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def r18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=7).eval()
+
+
+@pytest.fixture(scope="module")
+def r18_logits(r18):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return x, r18(x).numpy()
+
+
+def assert_same_outputs(model, r18_logits):
+    x, ref = r18_logits
+    assert rel_err(model(nchw_to_nhwc(x)), ref) <= 1e-5
+
+
+def run_cli(capsys, *args):
+    code = cli([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files_in(d: Path) -> set[str]:
+    return {p.name for p in d.iterdir()}
+
+
+# --- what it reads -----------------------------------------------------------------------------
+
+def test_plain_state_dict_cli(tmp_path, capsys, r18, r18_logits):
+    src = tmp_path / "resnet18.pth"
+    torch.save(r18.state_dict(), src)
+    code, out, err = run_cli(capsys, src)
+    assert code == 0, err
+    assert "resnet18" in out and "7 classes" in out
+    model = resnet_flax.load(tmp_path / "resnet18.flax.safetensors")
+    assert model.config == resnet_flax.arch_config("resnet18", num_classes=7)
+    assert_same_outputs(model, r18_logits)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "module_prefix", "lightning"])
+def test_wrapped_state_dicts(tmp_path, r18, r18_logits, wrap):
+    sd = r18.state_dict()
+    obj = {
+        "state_dict": {"epoch": 3, "state_dict": sd, "optimizer": {"lr": torch.tensor(0.1)}},
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},
+        "lightning": {"state_dict": {f"model.backbone.{k}": v for k, v in sd.items()}},
+    }[wrap]
+    if wrap == "state_dict":
+        obj = {"epoch": 3, "state_dict": sd}
+    torch.save(obj, tmp_path / "w.pth")
+    assert_same_outputs(convert.load_model(tmp_path / "w.pth"), r18_logits)
+
+
+def test_safetensors_and_torchscript(tmp_path, r18, r18_logits):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in r18.state_dict().items()}, tmp_path / "r.safetensors")
+    assert_same_outputs(convert.load_model(tmp_path / "r.safetensors"), r18_logits)
+    torch.jit.script(r18).save(str(tmp_path / "r.pt"))
+    assert_same_outputs(convert.load_model(tmp_path / "r.pt"), r18_logits)
+
+
+def test_tutorial_spellings(tmp_path, r18, r18_logits):
+    """conv_1 / bn_1 / layer_1 / down_sample / shortcut are the same structure."""
+    def respell(k: str) -> str:
+        k = k.replace("conv1", "conv_1").replace("bn1", "bn_1").replace("layer1", "layer_1")
+        return k.replace("layer2.0.downsample", "layer2.0.shortcut").replace("downsample", "down_sample")
+
+    sd = {respell(k): v for k, v in r18.state_dict().items()}
+    assert "layer_1.0.conv_1.weight" in sd and "layer2.0.shortcut.0.weight" in sd
+    torch.save(sd, tmp_path / "tut.pth")
+    assert_same_outputs(convert.load_model(tmp_path / "tut.pth"), r18_logits)
+
+
+def test_old_checkpoint_without_num_batches_tracked(r18, r18_logits):
+    sd = {k: v for k, v in r18.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert_same_outputs(convert.build_model(convert.from_state_dict(sd)), r18_logits)
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "wide_resnet50_2"])
+def test_architecture_inferred(name):
+    tmodel = getattr(torchvision.models, name)(num_classes=3)
+    ckpt = convert.from_state_dict(tmodel.state_dict())
+    assert ckpt.arch == name
+    assert ckpt.config == resnet_flax.arch_config(name, num_classes=3)
+    assert ckpt.num_params == sum(p.numel() for p in tmodel.parameters())
+
+
+def test_custom_structure_and_input_channels():
+    tm = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4)
+    tm.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    tm.eval()
+    ckpt = convert.from_state_dict(tm.state_dict())
+    assert ckpt.arch == "custom" and ckpt.config.layers == (1, 1, 1, 1) and ckpt.config.in_channels == 1
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        ref = tm(x).numpy()
+    assert rel_err(convert.build_model(ckpt)(nchw_to_nhwc(x)), ref) <= 1e-5
+
+
+def test_dilation_flag(tmp_path, capsys):
+    tm = torchvision.models.resnet50(num_classes=5, replace_stride_with_dilation=[False, True, True]).eval()
+    torch.save(tm.state_dict(), tmp_path / "dil.pth")
+    code, out, err = run_cli(capsys, tmp_path / "dil.pth", "--dilation", "0,1,1", "--verify", "--verify-size", "64")
+    assert code == 0 and "OK" in out, err
+    model = resnet_flax.load(tmp_path / "dil.flax.safetensors")
+    assert model.config.replace_stride_with_dilation == (False, True, True)
+
+
+# --- the reverse direction ---------------------------------------------------------------------
+
+def test_round_trip_is_exact(tmp_path, capsys, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    assert run_cli(capsys, tmp_path / "a.pth")[0] == 0
+    code, out, err = run_cli(capsys, tmp_path / "a.flax.safetensors", "--out", tmp_path / "back.pth")
+    assert code == 0, err
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    fresh = torchvision.models.resnet18(num_classes=7)
+    fresh.load_state_dict(back, strict=True)
+    orig = r18.state_dict()
+    assert list(back) == list(orig)
+    for k, v in orig.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_load_without_torch(tmp_path, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    convert.core.resnet_flax.save(convert.load_model(tmp_path / "a.pth"), tmp_path / "a.flax.safetensors")
+    code = ("import sys; sys.modules['torch'] = None; import resnet_flax, numpy as np;"
+            "m = resnet_flax.load(sys.argv[1]); print(m(np.zeros((1, 64, 64, 3), np.float32)).shape);"
+            "assert 'torchvision' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.flax.safetensors")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(1, 7)"
+
+
+# --- bad input: one line on stderr, exit code 2, nothing written --------------------------------
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def _bad_inputs(tmp_path: Path, r18) -> dict[str, tuple[Path, list[str], str]]:
+    sd = r18.state_dict()
+    cases = {}
+
+    def case(name, make, args=(), expect=""):
+        path = tmp_path / f"{name}.pth"
+        make(path)
+        cases[name] = (path, list(args), expect)
+
+    case("missing", lambda p: None, expect="no such file")
+    case("empty", lambda p: p.write_bytes(b""), expect="empty")
+
+    def truncated(p):
+        torch.save(sd, p)
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    case("truncated", truncated, expect="truncated")
+    case("text", lambda p: p.write_text("hello, I am not a checkpoint\n"), expect="not a PyTorch checkpoint")
+    case("mlp", lambda p: torch.save(torch.nn.Sequential(torch.nn.Linear(3, 4)).state_dict(), p),
+         expect="not a ResNet state dict")
+    case("missing_key", lambda p: torch.save({k: v for k, v in sd.items() if k != "layer2.1.bn2.weight"}, p),
+         expect="missing 1 key(s): layer2.1.bn2.weight")
+    case("extra_key", lambda p: torch.save({**sd, "layer1.0.extra.weight": torch.zeros(3)}, p),
+         expect="unexpected 1 key(s): layer1.0.extra.weight")
+    case("bad_shape", lambda p: torch.save({**sd, "layer3.0.conv2.weight": torch.zeros(256, 256, 5, 5)}, p),
+         expect="layer3.0.conv2.weight: checkpoint has (256, 256, 5, 5), the architecture needs (256, 256, 3, 3)")
+    case("wrong_arch", lambda p: torch.save(sd, p), args=["--arch", "resnet50"],
+         expect="--arch resnet50 contradicts the tensors")
+    case("evil", lambda p: torch.save({"state_dict": sd, "payload": Evil()}, p), expect="refused")
+    return cases
+
+
+def test_bad_inputs(tmp_path, capsys, r18, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, (path, args, expect) in _bad_inputs(tmp_path, r18).items():
+        before = files_in(tmp_path)
+        code, out, err = run_cli(capsys, path, *args)
+        assert code == 2, (name, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert expect in lines[0], (name, lines[0])
+        assert files_in(tmp_path) == before, (name, files_in(tmp_path) - before)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_bad_input_exit_code_from_shell(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "empty.pth")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "empty" in proc.stderr
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    (tmp_path / "a.flax.safetensors").write_text("precious")
+    code, _, err = run_cli(capsys, tmp_path / "a.pth")
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "a.flax.safetensors").read_text() == "precious"
+    assert run_cli(capsys, tmp_path / "a.pth", "--overwrite")[0] == 0
+    assert resnet_flax.load(tmp_path / "a.flax.safetensors").config.num_classes == 7
+
+
+def test_damaged_zip_detected(tmp_path):
+    p = tmp_path / "z.pth"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(resnet_flax.WeightsError):
+        convert.load_model(p)
+
+
+def test_converted_file_truncated(tmp_path, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    out = tmp_path / "a.flax.safetensors"
+    resnet_flax.save(convert.load_model(tmp_path / "a.pth"), out)
+    out.write_bytes(out.read_bytes()[:-1000])
+    with pytest.raises(resnet_flax.WeightsError, match="not a readable safetensors"):
+        resnet_flax.load(out)
+
+
+def test_inference_shapes_arrays(r18):
+    model = convert.build_model(convert.from_state_dict(r18.state_dict()))
+    assert np.asarray(model(np.zeros((3, 32, 32, 3), np.float32))).shape == (3, 7)

@@ -1,0 +1,136 @@
+"""The models themselves: structure, initialisation, options, dtypes and BatchNorm semantics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from flax import nnx
+
+import resnet_flax
+from resnet_flax.io import abstract_model
+from resnet_flax.layers import BatchNorm
+
+
+def n_params(model) -> int:
+    return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", resnet_flax.list_models())
+def test_parameter_count_matches_torchvision(name):
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in getattr(torchvision.models, name)().parameters())
+    assert n_params(abstract_model(resnet_flax.arch_config(name))) == expected
+
+
+def test_factories_and_registry():
+    assert resnet_flax.list_models() == [
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+        "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+    m = resnet_flax.resnet18(num_classes=3)
+    assert m.config == resnet_flax.arch_config("resnet18", num_classes=3)
+    with pytest.raises(ValueError, match="unknown architecture 'resnet19'.*resnet18"):
+        resnet_flax.create_model("resnet19")
+    with pytest.raises(ValueError, match="BasicBlock only supports groups=1"):
+        resnet_flax.ResNet(resnet_flax.ResNetConfig("basic", (1, 1, 1, 1), groups=2), rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="Dilation > 1"):
+        resnet_flax.create_model("resnet18", replace_stride_with_dilation=(False, False, True))
+
+
+def test_initialisation_follows_torchvision():
+    m = resnet_flax.resnet50(num_classes=1000, seed=1)
+    k = np.asarray(m.layer3[0].conv2.kernel[...])  # (3, 3, 256, 256): fan_out = 3*3*256
+    assert abs(k.std() - np.sqrt(2.0 / (9 * 256))) / np.sqrt(2.0 / (9 * 256)) < 0.01
+    assert abs(k.mean()) < 1e-3
+    assert np.abs(k).max() > 3.5 * k.std()  # not a truncated normal
+    w, b = np.asarray(m.fc.kernel[...]), np.asarray(m.fc.bias[...])
+    bound = 1 / np.sqrt(2048)
+    for t in (w, b):
+        assert t.min() >= -bound and t.max() <= bound and t.max() > 0.9 * bound
+    np.testing.assert_array_equal(np.asarray(m.bn1.scale[...]), 1.0)
+    np.testing.assert_array_equal(np.asarray(m.bn1.bias[...]), 0.0)
+    assert np.asarray(m.layer1[0].bn3.scale[...]).min() == 1.0
+
+
+def test_zero_init_residual():
+    m = resnet_flax.resnet50(zero_init_residual=True)
+    assert all(np.all(np.asarray(b.bn3.scale[...]) == 0) for b in m.layer2)
+    assert np.all(np.asarray(m.layer2[0].bn2.scale[...]) == 1)
+    b = resnet_flax.resnet18(zero_init_residual=True)
+    assert np.all(np.asarray(b.layer4[1].bn2.scale[...]) == 0)
+
+
+def test_outputs_and_dilation():
+    x = jnp.ones((2, 64, 64, 3))
+    m = resnet_flax.resnet50(num_classes=5, replace_stride_with_dilation=(False, True, True))
+    stages = m.stages(x)
+    assert {k: v.shape for k, v in stages.items()} == {
+        "layer1": (2, 16, 16, 256), "layer2": (2, 8, 8, 512), "layer3": (2, 8, 8, 1024), "layer4": (2, 8, 8, 2048)}
+    assert m(x).shape == (2, 5) and m(x).dtype == jnp.float32
+    e = m.embed(x, normalize=True)
+    assert e.shape == (2, 2048)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(m.fc(m.embed(x))), np.asarray(m(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    m32 = resnet_flax.resnet18(num_classes=10, seed=0)
+    m16 = resnet_flax.resnet18(num_classes=10, seed=0, dtype=jnp.bfloat16)
+    assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(m16, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    m32.eval(), m16.eval()
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    assert m16.stages(x)["layer2"].dtype == jnp.bfloat16
+    a, b = np.asarray(m32(x)), np.asarray(m16(x))
+    assert b.dtype == np.float32
+    assert np.max(np.abs(a - b)) / np.max(np.abs(a)) < 0.05  # bf16 has an 8-bit mantissa
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5, 3), (2, 1, 1, 4)])
+def test_batchnorm_matches_torch(shape):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    c = shape[-1]
+    tb = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        tb.weight.uniform_(0.5, 1.5)
+        tb.bias.normal_()
+    fb = BatchNorm(c)
+    fb.scale[...] = jnp.asarray(tb.weight.detach().numpy())
+    fb.bias[...] = jnp.asarray(tb.bias.detach().numpy())
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    for _ in range(3):  # train mode: output, running mean and *unbiased* running var, counter
+        ref = tb.train()(xt).detach().numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(np.asarray(fb(jnp.asarray(x))), ref, rtol=1e-5, atol=2e-5)
+        x = x * 1.1 + 0.3
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(fb.mean[...]), tb.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fb.var[...]), tb.running_var.numpy(), rtol=1e-6)
+    assert int(fb.num_batches_tracked[...]) == int(tb.num_batches_tracked) == 3
+    fb.eval()
+    ref = tb.eval()(xt).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(fb(jnp.asarray(x))), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_train_and_eval_modes_switch_batchnorm():
+    m = resnet_flax.resnet18(num_classes=4)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    m.eval()
+    before = np.asarray(m.layer1[0].bn1.mean[...]).copy()
+    m(x)
+    np.testing.assert_array_equal(np.asarray(m.layer1[0].bn1.mean[...]), before)
+    m.train()
+    m(x)
+    assert not np.allclose(np.asarray(m.layer1[0].bn1.mean[...]), before)
+    view = nnx.view(m, use_running_average=True)
+    assert view.bn1.use_running_average and not m.bn1.use_running_average
+
+
+def test_jit_forward_equals_eager():
+    m = resnet_flax.resnet18(num_classes=4)
+    m.eval()
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda mm, xx: mm(xx))(m, x)), np.asarray(m(x)),
+                               rtol=1e-5, atol=1e-6)
