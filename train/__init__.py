@@ -1,0 +1,1 @@
+"""Training CLI, input pipeline and loops for resnet-flax."""

@@ -1,0 +1,503 @@
+"""Datasets (image folders, TFDS, synthetic) and deterministic, resumable grain loaders.
+
+Sources are random-access (``len`` + ``source[i] -> {"image": bytes | uint8 array | path, "label": int}``).
+``make_loader`` builds one epoch as a lazy ``grain.MapDataset``: shuffle indices with a seed derived from
+(seed, epoch), decode + augment each example with a generator seeded from (seed, epoch, example index),
+batch into per-host sub-batches and slice out this host's share and the batches after ``start_batch``.
+Nothing skipped is ever decoded, and the output does not depend on ``num_workers``.
+
+Batches are ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": float32 [b], "corrupt": int32 [b]}``:
+``mask`` is 0 for eval padding and unreadable images, ``corrupt`` is 1 only for unreadable images (sum it to
+count skips).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from train.transforms import eval_transform, load_image, train_transform
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+FOLDER_LAYOUT = "expected DIR/<class>/<images> or DIR/train/<class>/<images> + DIR/val/<class>/<images>"
+_SHUFFLE_TAG = 0
+_AUGMENT_TAG = 1
+_SYNTHETIC_TRAIN_SEED = 0
+_SYNTHETIC_VAL_SEED = 1
+
+
+class DataError(Exception):
+    """A dataset problem the user can fix; the message is always one line naming the problem and the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class Source(Protocol):
+    """Random-access examples: ``len(src)`` and ``src[i] -> {"image": ..., "label": int}``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Image files on disk with integer labels; examples carry the path so errors can name the file."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.paths[index], "label": self.labels[index]}
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """Deterministic random uint8 images whose mean colour depends on the label (learnable, no files)."""
+
+    num_examples: int
+    num_classes: int
+    image_size: int = 128
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num_examples:
+            raise IndexError(index)
+        label = index % self.num_classes
+        rng = np.random.default_rng([self.seed, index])
+        hue = 2 * np.pi * label / self.num_classes
+        colour = 128 + 80 * np.cos(hue + np.array([0.0, 2.0944, 4.1888]))
+        noise = rng.integers(-48, 48, size=(self.image_size, self.image_size, 3))
+        image = np.clip(colour + noise, 0, 255).astype(np.uint8)
+        return {"image": image, "label": label}
+
+
+@dataclass(frozen=True)
+class TfdsSource:
+    """A ``tfds.data_source`` split re-keyed to ``{"image", "label"}`` (drops other features)."""
+
+    source: Any
+    image_key: str = "image"
+    label_key: str = "label"
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.source[index]
+        return {"image": record[self.image_key], "label": int(record[self.label_key])}
+
+
+@dataclass
+class Splits:
+    """Train and validation sources plus the class names their labels index."""
+
+    train: Source
+    val: Source
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of ``class_names``)."""
+        return len(self.class_names)
+
+
+# --------------------------------------------------------------------------------------------------- splits
+
+
+def load_splits(
+    dataset: str = "tf_flowers",
+    data_dir: str | os.PathLike | None = None,
+    tfds_data_dir: str | None = None,
+    val_fraction: float = 0.2,
+    synthetic_size: int = 1024,
+    synthetic_classes: int = 10,
+    split_seed: int = 0,
+) -> Splits:
+    """Open train/val splits from an image folder (``data_dir``), ``"synthetic"``, or a TFDS dataset name.
+
+    ``synthetic_size`` is the synthetic train-split size (val gets ``val_fraction`` of it, at least 1);
+    ``split_seed`` seeds the stratified split of folders that lack train/val sub-folders.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} is out of range; pass a value in [0, 1)")
+    if data_dir is not None:
+        return _folder_splits(Path(data_dir), val_fraction, split_seed)
+    if dataset == "synthetic":
+        return _synthetic_splits(synthetic_size, synthetic_classes, val_fraction)
+    return _tfds_splits(dataset, tfds_data_dir, val_fraction)
+
+
+def _synthetic_splits(size: int, num_classes: int, val_fraction: float) -> Splits:
+    """Synthetic train/val splits with different seeds so val images are not train images."""
+    if size < 1 or num_classes < 1:
+        raise DataError(f"synthetic dataset needs size >= 1 and classes >= 1 (got {size}, {num_classes})")
+    val_size = max(1, round(size * val_fraction))
+    return Splits(
+        train=SyntheticSource(size, num_classes, seed=_SYNTHETIC_TRAIN_SEED),
+        val=SyntheticSource(val_size, num_classes, seed=_SYNTHETIC_VAL_SEED),
+        class_names=[f"class_{k}" for k in range(num_classes)],
+    )
+
+
+def _folder_splits(root: Path, val_fraction: float, split_seed: int) -> Splits:
+    """ImageFolder-style splits: use train/ + val/ sub-folders when present, else a stratified split."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder; {FOLDER_LAYOUT}")
+    split_dirs = _find_split_dirs(root)
+    if split_dirs is not None:
+        return _presplit_folder(*split_dirs)
+    class_names = _class_dirs(root)
+    if not class_names:
+        raise DataError(f"data folder {root} has no class sub-folders; {FOLDER_LAYOUT}")
+    per_class = [_image_files(root / name) for name in class_names]
+    if not any(per_class):
+        raise DataError(f"data folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}); {FOLDER_LAYOUT}")
+    train, val = _stratified_split(per_class, val_fraction, split_seed)
+    return Splits(train=train, val=val, class_names=class_names)
+
+
+def _find_split_dirs(root: Path) -> tuple[Path, Path] | None:
+    """(train_dir, val_dir) when ``root`` holds train/ and val/ (or validation/) folders of class folders."""
+    train_dir = root / "train"
+    val_dirs = [root / name for name in ("val", "validation") if (root / name).is_dir()]
+    if not train_dir.is_dir() or not val_dirs:
+        return None
+    if not _class_dirs(train_dir) or not _class_dirs(val_dirs[0]):
+        return None
+    return train_dir, val_dirs[0]
+
+
+def _presplit_folder(train_dir: Path, val_dir: Path) -> Splits:
+    """Splits from explicit train/ and val/ folders; class names come from train/'s sub-folders."""
+    class_names = _class_dirs(train_dir)
+    unknown = sorted(set(_class_dirs(val_dir)) - set(class_names))
+    if unknown:
+        raise DataError(f"{val_dir} has classes missing from {train_dir}: {unknown[:5]}; use the same class folders")
+    train = _file_source([_image_files(train_dir / name) for name in class_names])
+    val = _file_source([_image_files(val_dir / name) for name in class_names])
+    if len(train) == 0:
+        raise DataError(f"{train_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); {FOLDER_LAYOUT}")
+    return Splits(train=train, val=val, class_names=class_names)
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Sorted image paths (by extension, case-insensitive) anywhere under ``folder``, hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(
+            os.path.join(dirpath, f)
+            for f in filenames
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return sorted(found)
+
+
+def _file_source(per_class: Sequence[Sequence[str]]) -> FileSource:
+    """Flatten per-class path lists into a FileSource labelled by list position."""
+    paths = tuple(p for files in per_class for p in files)
+    labels = tuple(label for label, files in enumerate(per_class) for _ in files)
+    return FileSource(paths, labels)
+
+
+def _stratified_split(
+    per_class: Sequence[Sequence[str]], val_fraction: float, seed: int
+) -> tuple[FileSource, FileSource]:
+    """Seeded per-class split: round(n * val_fraction) images of each class go to val (train keeps >= 1)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for files in per_class:
+        order = rng.permutation(len(files))
+        n_val = min(round(len(files) * val_fraction), max(len(files) - 1, 0))
+        val.append(sorted(files[i] for i in order[:n_val]))
+        train.append(sorted(files[i] for i in order[n_val:]))
+    return _file_source(train), _file_source(val)
+
+
+def _tfds_splits(name: str, tfds_data_dir: str | None, val_fraction: float) -> Splits:
+    """Open a TFDS dataset as grain-compatible random-access sources (array_record, no TensorFlow)."""
+    import tensorflow_datasets as tfds  # heavy import; only needed for this path (and not in grain workers)
+
+    builder = _tfds_builder(tfds, name, tfds_data_dir)
+    image_key, label_key = _tfds_keys(builder, name)
+    if not builder.is_prepared():
+        _tfds_prepare(builder, name)
+    train_split, val_split = _tfds_split_names(builder.info.splits, val_fraction, name)
+    try:
+        train = tfds.data_source(name, split=train_split, data_dir=tfds_data_dir, download=False)
+        val = tfds.data_source(name, split=val_split, data_dir=tfds_data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - any TFDS failure becomes one actionable line
+        raise DataError(
+            f"could not open TFDS dataset {name!r} for random access ({_first_line(e)}); "
+            f"rebuild it in array_record format with `tfds build {name} --file_format=array_record`"
+        ) from None
+    return Splits(
+        train=TfdsSource(train, image_key, label_key),
+        val=TfdsSource(val, image_key, label_key),
+        class_names=list(builder.info.features[label_key].names),
+    )
+
+
+def _tfds_builder(tfds: Any, name: str, tfds_data_dir: str | None) -> Any:
+    """``tfds.builder`` for the array_record variant; an unknown name becomes a DataError."""
+    try:
+        return tfds.builder(name, data_dir=tfds_data_dir, file_format="array_record")
+    except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and malformed names alike
+        raise DataError(
+            f"unknown dataset {name!r} ({_first_line(e)}); pass a TFDS name such as tf_flowers, imagenette or "
+            "imagenet2012, 'synthetic', or --data-dir path/to/image_folder"
+        ) from None
+
+
+def _tfds_keys(builder: Any, name: str) -> tuple[str, str]:
+    """(image key, label key): "image"/"label" when they exist, else the first Image / ClassLabel feature."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    if not images or not labels:
+        raise DataError(
+            f"TFDS dataset {name!r} has no Image + ClassLabel features ({list(features.keys())}); "
+            "use an image-classification dataset or --data-dir"
+        )
+    image_key = "image" if "image" in images else images[0]
+    label_key = "label" if "label" in labels else labels[0]
+    return image_key, label_key
+
+
+def _tfds_prepare(builder: Any, name: str) -> None:
+    """Download and prepare a missing dataset; failure (offline, manual download) becomes a DataError."""
+    root = Path(builder.data_dir_root)
+    build = f"`tfds build {name} --file_format=array_record --data_dir {root}`"
+    manual_dir = root / "downloads" / "manual"
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and not (manual_dir.is_dir() and any(manual_dir.iterdir())):
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {root} and needs a manual download; put its archives in "
+            f"TFDS's manual_dir {manual_dir} and run {build}, or pass --data-dir path/to/image_folder"
+        )
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # noqa: BLE001 - offline, bad manual files, missing deps: all user-fixable
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({_first_line(e)}); "
+            f"run {build} on a machine with internet (copy {root / name} here), "
+            "or pass --data-dir path/to/image_folder"
+        ) from None
+
+
+def _tfds_split_names(splits: Any, val_fraction: float, name: str) -> tuple[str, str]:
+    """Train split and eval split: "validation", else "test", else a percent slice of "train"."""
+    names = set(splits.keys()) if splits else set()
+    if names and "train" not in names:
+        raise DataError(f"TFDS dataset {name!r} has no 'train' split ({sorted(names)}); use --data-dir instead")
+    for val_name in ("validation", "test"):
+        if val_name in names:
+            return "train", val_name
+    cut = round((1.0 - val_fraction) * 100)
+    return f"train[:{cut}%]", f"train[{cut}%:]"
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: first line of message`` (at most 200 chars) for embedding an exception in a DataError."""
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return line[:200]
+
+
+# --------------------------------------------------------------------------------------------------- loaders
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, train: bool = True) -> int:
+    """Batches per epoch: train drops the last partial batch, eval pads it (ceil)."""
+    if train:
+        return num_examples // global_batch_size
+    return math.ceil(num_examples / global_batch_size)
+
+
+@dataclass(frozen=True)
+class ExampleLoader:
+    """Per-example decode + augment, a picklable grain map: index -> example dict (padding/corrupt masked)."""
+
+    source: Source
+    num_examples: int
+    image_size: int
+    train: bool
+    seed: int
+    epoch: int
+    resize_size: int | None = None
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        if index >= self.num_examples:
+            return self._blank(corrupt=0)
+        record: dict[str, Any] = {}
+        try:
+            record = self.source[index]
+            image = load_image(record["image"])
+            if self.train:
+                pixels = train_transform(image, self.image_size, example_rng(self.seed, self.epoch, index))
+            else:
+                pixels = eval_transform(image, self.image_size, self.resize_size)
+            label = int(record["label"])
+        except Exception as e:  # noqa: BLE001 - a bad image must never kill training
+            logger.warning("skipping unreadable image %s: %s", _describe(record, index), _first_line(e))
+            return self._blank(corrupt=1)
+        return {"image": pixels, "label": np.int32(label), "mask": np.float32(1.0), "corrupt": np.int32(0)}
+
+    def _blank(self, corrupt: int) -> dict[str, np.ndarray]:
+        """An all-zero, masked-out example (eval padding when ``corrupt=0``, unreadable image when 1)."""
+        return {
+            "image": np.zeros((self.image_size, self.image_size, 3), np.float32),
+            "label": np.int32(0),
+            "mask": np.float32(0.0),
+            "corrupt": np.int32(corrupt),
+        }
+
+
+def _describe(record: dict[str, Any], index: int) -> str:
+    """The file path when the example has one, else its index."""
+    image = record.get("image") if isinstance(record, dict) else None
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    return f"#{index}"
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Augmentation generator for one example in one epoch, independent of batching, resume and workers."""
+    return np.random.default_rng([seed % 2**64, epoch, _AUGMENT_TAG, index])
+
+
+def epoch_shuffle_seed(seed: int, epoch: int) -> int:
+    """32-bit grain shuffle seed for (seed, epoch), so each epoch has its own reproducible order."""
+    return int(np.random.SeedSequence([seed % 2**64, epoch, _SHUFFLE_TAG]).generate_state(1)[0])
+
+
+def make_loader(
+    source: Source,
+    *,
+    batch_size: int,
+    image_size: int,
+    train: bool,
+    seed: int,
+    epoch: int = 0,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    resize_size: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of this host's batches (``batch_size`` is global), starting at global batch ``start_batch``."""
+    ds = build_epoch_dataset(
+        source,
+        batch_size=batch_size,
+        image_size=image_size,
+        train=train,
+        seed=seed,
+        epoch=epoch,
+        process_index=process_index,
+        process_count=process_count,
+        resize_size=resize_size,
+    )
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    ds = ds[start_batch:]
+    if len(ds) == 0:
+        return iter(())
+    return _iterate(_to_iter(ds, num_workers))
+
+
+def build_epoch_dataset(
+    source: Source,
+    *,
+    batch_size: int,
+    image_size: int,
+    train: bool,
+    seed: int,
+    epoch: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    resize_size: int | None = None,
+) -> grain.MapDataset:
+    """Lazy MapDataset of this host's sub-batches for one epoch; ``ds[k]`` is its share of global batch k."""
+    local_batch = _local_batch_size(batch_size, process_index, process_count)
+    num_examples = len(source)
+    num_batches = steps_per_epoch(num_examples, batch_size, train)
+    if train and num_batches == 0:
+        raise DataError(
+            f"train split has {num_examples} examples, fewer than one global batch of {batch_size}; "
+            "lower --batch-size or add data"
+        )
+    if train:
+        indices = grain.MapDataset.range(num_examples).shuffle(seed=epoch_shuffle_seed(seed, epoch))
+        indices = indices[: num_batches * batch_size]
+    else:
+        indices = grain.MapDataset.range(num_batches * batch_size)  # indices >= num_examples are padding
+    examples = indices.map(ExampleLoader(source, num_examples, image_size, train, seed, epoch, resize_size))
+    return examples.batch(local_batch, drop_remainder=False)[process_index::process_count]
+
+
+def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
+    """This host's share of the global batch; the global batch must split evenly across hosts."""
+    if batch_size < 1 or process_count < 1 or batch_size % process_count:
+        raise DataError(
+            f"global batch size {batch_size} does not split across {process_count} processes; "
+            f"pass a --batch-size that is a positive multiple of {process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+    return batch_size // process_count
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """In-process thread prefetch for ``num_workers == 0``, else grain worker processes (same order)."""
+    if num_workers <= 0:
+        threads = max(1, min(8, os.cpu_count() or 1))
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+    _mark_absl_flags_parsed()
+    per_worker = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's multiprocessing reads absl flags; outside ``absl.app`` they must be marked parsed first."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
+    """Yield batches and close the grain iterator (and its worker processes) when done or abandoned."""
+    iterator = iter(ds)
+    try:
+        yield from iterator
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - cleanup must not mask the error that ended iteration
+                logger.debug("closing the grain iterator failed: %s", _first_line(e))
