@@ -13,11 +13,11 @@ import numpy as np
 from flax import nnx
 
 import resnet_flax
+from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_to_flax
+from convert.reader import detect_format, read_torch_file
 from resnet_flax.io import WeightsError, abstract_model, atomic_write, flat_state, load_flat_state
 from resnet_flax.layers import Dtype
 from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name
-from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_to_flax
-from convert.reader import detect_format, read_torch_file
 
 FLAX_SUFFIX = resnet_flax.io.SUFFIX
 
@@ -101,7 +101,7 @@ def load_model(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.
                        dtype)
 
 
-def to_torch_state_dict(model: ResNet) -> "OrderedDict[str, Any]":
+def to_torch_state_dict(model: ResNet) -> OrderedDict[str, Any]:
     """The model's weights as a torchvision state dict (``load_state_dict(sd, strict=True)`` accepts it)."""
     import torch
 

@@ -52,7 +52,7 @@ def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     prefix = stems[0]
     if not prefix:
         return sd
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return {(k.removeprefix(prefix)): v for k, v in sd.items()}
 
 
 def infer_config(sd: dict[str, np.ndarray]) -> ResNetConfig:

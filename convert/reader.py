@@ -59,7 +59,7 @@ def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
     if fmt == "torchscript":
         try:
             module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad archives
+        except Exception as e:
             raise WeightsError(f"{path}: cannot read the TorchScript archive ({_first_line(e)})") from None
         return _to_numpy(module.state_dict(), path)
     try:
@@ -71,7 +71,7 @@ def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
                 "(only plain tensors are read, with torch.load(weights_only=True)); if you trust it, re-save "
                 "just its weights with torch.save(model.state_dict(), 'weights.pth')") from None
         raise WeightsError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - RuntimeError/EOFError/... for truncated or foreign files
+    except Exception as e:
         raise WeightsError(f"{path}: truncated or corrupt checkpoint, or not a torch.save file "
                            f"({_first_line(e)})") from None
     return _to_numpy(_unwrap(obj, path), path)
@@ -119,7 +119,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         except ImportError:
             framework = "numpy"
         with safe_open(str(path), framework=framework) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: truncated or corrupt .safetensors file ({_first_line(e)})") from None
     if framework == "pt":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(out + identity)
 
 
-BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ class ResNetConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ResNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ResNetConfig:
         return cls(**d)
 
     @property
@@ -125,7 +126,7 @@ class ResNet(nnx.Module):
         self.dilation = 1
         self.conv1 = conv(config.in_channels, self.inplanes, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(self.inplanes, dtype=dtype)
-        kw = dict(zero_init_residual=zero_init_residual, dtype=dtype, rngs=rngs)
+        kw = {"zero_init_residual": zero_init_residual, "dtype": dtype, "rngs": rngs}
         dilate = config.replace_stride_with_dilation
         self.layer1 = self._make_layer(block, 64, config.layers[0], **kw)
         self.layer2 = self._make_layer(block, 128, config.layers[1], stride=2, dilate=dilate[0], **kw)
@@ -145,8 +146,8 @@ class ResNet(nnx.Module):
                 conv1x1(self.inplanes, planes * block.expansion, stride, dtype=dtype, rngs=rngs),
                 BatchNorm(planes * block.expansion, dtype=dtype),
             ])
-        kw = dict(groups=self.config.groups, base_width=self.config.width_per_group,
-                  zero_init_residual=zero_init_residual, dtype=dtype, rngs=rngs)
+        kw = {"groups": self.config.groups, "base_width": self.config.width_per_group,
+                  "zero_init_residual": zero_init_residual, "dtype": dtype, "rngs": rngs}
         layers = [block(self.inplanes, planes, stride, downsample, dilation=previous_dilation, **kw)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):

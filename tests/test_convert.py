@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import nchw_to_nhwc, rel_err
 
 import convert
 import resnet_flax
 from convert.__main__ import main as cli
-from conftest import nchw_to_nhwc, rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_dilation_flag(tmp_path, capsys):
 def test_round_trip_is_exact(tmp_path, capsys, r18):
     torch.save(r18.state_dict(), tmp_path / "a.pth")
     assert run_cli(capsys, tmp_path / "a.pth")[0] == 0
-    code, out, err = run_cli(capsys, tmp_path / "a.flax.safetensors", "--out", tmp_path / "back.pth")
+    code, _out, err = run_cli(capsys, tmp_path / "a.flax.safetensors", "--out", tmp_path / "back.pth")
     assert code == 0, err
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     fresh = torchvision.models.resnet18(num_classes=7)

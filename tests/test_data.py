@@ -179,7 +179,7 @@ def test_random_resized_crop_statistics_match_torchvision() -> None:
     theirs = [
         T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)
     ]
-    assert all(0 <= top and 0 <= left and top + h <= height and left + w <= width for top, left, h, w in ours)
+    assert all(top >= 0 and left >= 0 and top + h <= height and left + w <= width for top, left, h, w in ours)
     area, log_aspect = _crop_stats(ours, height, width)
     ref_area, ref_log_aspect = _crop_stats(theirs, height, width)
     assert area.min() >= 0.07 and area.max() <= 1.0

@@ -32,7 +32,7 @@ def test_factories_and_registry():
         "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
     m = resnet_flax.resnet18(num_classes=3)
     assert m.config == resnet_flax.arch_config("resnet18", num_classes=3)
-    with pytest.raises(ValueError, match="unknown architecture 'resnet19'.*resnet18"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'resnet19'.*resnet18"):
         resnet_flax.create_model("resnet19")
     with pytest.raises(ValueError, match="BasicBlock only supports groups=1"):
         resnet_flax.ResNet(resnet_flax.ResNetConfig("basic", (1, 1, 1, 1), groups=2), rngs=nnx.Rngs(0))

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_ROWS, nchw_to_nhwc, rel_err, torch_model_with_bn_state, torch_stages
 from flax import nnx
 
 import convert
 import resnet_flax
 from convert.mapping import flax_to_torch
-from conftest import PARITY_ROWS, torch_model_with_bn_state, nchw_to_nhwc, rel_err, torch_stages
 
 ALL_ARCHS = resnet_flax.list_models()
 EVAL_TOL = 1e-5

@@ -249,7 +249,7 @@ def _tfds_splits(name: str, tfds_data_dir: str | None, val_fraction: float) -> S
     try:
         train = tfds.data_source(name, split=train_split, data_dir=tfds_data_dir, download=False)
         val = tfds.data_source(name, split=val_split, data_dir=tfds_data_dir, download=False)
-    except Exception as e:  # noqa: BLE001 - any TFDS failure becomes one actionable line
+    except Exception as e:
         raise DataError(
             f"could not open TFDS dataset {name!r} for random access ({_first_line(e)}); "
             f"rebuild it in array_record format with `tfds build {name} --file_format=array_record`"
@@ -265,7 +265,7 @@ def _tfds_builder(tfds: Any, name: str, tfds_data_dir: str | None) -> Any:
     """``tfds.builder`` for the array_record variant; an unknown name becomes a DataError."""
     try:
         return tfds.builder(name, data_dir=tfds_data_dir, file_format="array_record")
-    except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and malformed names alike
+    except Exception as e:
         raise DataError(
             f"unknown dataset {name!r} ({_first_line(e)}); pass a TFDS name such as tf_flowers, imagenette or "
             "imagenet2012, 'synthetic', or --data-dir path/to/image_folder"
@@ -301,7 +301,7 @@ def _tfds_prepare(builder: Any, name: str) -> None:
         )
     try:
         builder.download_and_prepare()
-    except Exception as e:  # noqa: BLE001 - offline, bad manual files, missing deps: all user-fixable
+    except Exception as e:
         raise DataError(
             f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({_first_line(e)}); "
             f"run {build} on a machine with internet (copy {root / name} here), "
@@ -362,7 +362,7 @@ class ExampleLoader:
             else:
                 pixels = eval_transform(image, self.image_size, self.resize_size)
             label = int(record["label"])
-        except Exception as e:  # noqa: BLE001 - a bad image must never kill training
+        except Exception as e:
             logger.warning("skipping unreadable image %s: %s", _describe(record, index), _first_line(e))
             return self._blank(corrupt=1)
         return {"image": pixels, "label": np.int32(label), "mask": np.float32(1.0), "corrupt": np.int32(0)}
@@ -499,5 +499,5 @@ def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
         if close is not None:
             try:
                 close()
-            except Exception as e:  # noqa: BLE001 - cleanup must not mask the error that ended iteration
+            except Exception as e:
                 logger.debug("closing the grain iterator failed: %s", _first_line(e))
