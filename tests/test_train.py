@@ -1,0 +1,187 @@
+"""The training job end to end, small and on CPU: learning, resuming after SIGKILL, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import resnet_flax
+from train.__main__ import main as train_main
+from train.metrics import read_metrics
+from train.predict import load_from_workdir
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("red", "green", "blue")
+SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--no-progress",
+         "--optimizer", "adamw", "--lr", "1e-3", "--lr-scaling", "none", "--warmup-steps", "2", "--weight-decay", "0",
+         "--label-smoothing", "0"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A learnable image folder: three colour classes of noisy 48x40 JPEGs, plus one corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(16):
+            img = rng.integers(0, 90, (40, 48, 3), dtype=np.uint8)
+            img[..., c] += 150
+            Image.fromarray(img).save(root / name / f"{i}.jpg", quality=90)
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8 this is not really a jpeg")
+    return root
+
+
+def cli(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def final_params(workdir: Path) -> dict[str, np.ndarray]:
+    model, _, _ = load_from_workdir(workdir)
+    return resnet_flax.flat_state(model)
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_metrics(workdir / "metrics.jsonl") if "train_loss" in r}
+
+
+def test_learns_on_image_folder_and_predicts(folder, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    code = train_main([*SMALL, "--data-dir", str(folder), "--epochs", "6", "--log-every", "1",
+                       "--checkpoint-every", "4", "--workdir", str(wd)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    records = read_metrics(wd / "metrics.jsonl")
+    train = [r["train_loss"] for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_top1" in r]
+    assert len(train) == 6 * 5  # 49 files, 9 held out (3 per class): 40 train images -> 5 batches of 8
+    assert np.mean(train[-5:]) < 0.5 * train[0], train  # from ~ln(3) to well below
+    assert len(evals) == 6 and evals[-1]["val_top1"] >= 80.0, evals[-1]
+    assert {"step", "epoch", "train_loss", "lr"} <= set(records[0])
+    assert {"val_loss", "val_top1", "val_top5"} <= set(evals[0])
+    assert "skipped 6 unreadable training image(s)" in out  # the corrupt file, once per epoch
+    assert records[-2]["skipped_images"] == 6
+    assert (wd / "curves.png").stat().st_size > 10_000
+    assert list((wd / "tb").iterdir())
+    kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(kept) <= 4 and kept[-1] == 30  # last 3 + the best
+
+    photo = folder / "green" / "3.jpg"
+    proc = subprocess.run([sys.executable, "-m", "train.predict", str(photo), "--checkpoint", str(wd)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(photo) and lines[1].split()[1] == "green" and len(lines) == 4  # 3 classes
+
+
+def test_tfds_mock_data(tmp_path, capsys):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=24):
+        code = train_main([*SMALL, "--dataset", "tf_flowers", "--max-steps", "3", "--log-every", "1",
+                           "--workdir", str(tmp_path / "wd")])
+    _out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(losses(tmp_path / "wd")) == 3
+    run = json.loads((tmp_path / "wd" / "run.json").read_text())
+    assert run["class_names"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
+
+
+def test_sigkill_and_resume_equals_uninterrupted(folder, tmp_path):
+    args = [*SMALL, "--data-dir", folder, "--max-steps", "12", "--checkpoint-every", "2", "--log-every", "1"]
+    ref = cli(*args, "--workdir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+
+    wd = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--workdir", str(wd)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (wd / "checkpoints" / "4").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert killed_at < 12
+    # a half-written checkpoint of a later step, as a crash during a save leaves it
+    (wd / "checkpoints" / f"{killed_at + 2}.orbax-checkpoint-tmp-1234").mkdir()
+
+    resumed = cli(*args, "--workdir", wd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert losses(wd) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6)
+    a, b = final_params(wd), final_params(tmp_path / "ref")
+    assert a.keys() == b.keys()
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_two_devices_equal_one(tmp_path):
+    args = [*SMALL, "--dataset", "synthetic", "--batch-size", "8", "--max-steps", "3", "--log-every", "1"]
+    one = cli(*args, "--workdir", tmp_path / "one")
+    two = cli(*args, "--workdir", tmp_path / "two",
+              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert "1 device(s)" in one.stdout and "2 device(s)" in two.stdout
+    l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(l1) == 3 and l1 == pytest.approx(l2, rel=1e-5)
+    a, b = final_params(tmp_path / "one"), final_params(tmp_path / "two")
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-4
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
+    wd = tmp_path / "wd"
+    args = [a if a != "1e-3" else "1e12" for a in SMALL]
+    proc = cli(*args, "--data-dir", folder, "--max-steps", "20", "--checkpoint-every", "1", "--log-every", "1",
+               "--warmup-steps", "0", "--workdir", wd)
+    assert proc.returncode == 1, proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "the training loss became" in err[0] and "last good checkpoint" in err[0]
+    steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    good = [r["step"] for r in read_metrics(wd / "metrics.jsonl") if np.isfinite(r.get("train_loss", 0))]
+    assert steps and max(steps) <= max(good)
+
+
+def test_fine_tune_from_pytorch_weights_and_eval_only(folder, tmp_path):
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pth")
+    args = [a for a in SMALL if a not in ("--arch", "resnet18")]
+    proc = cli(*args, "--data-dir", folder, "--init-from", tmp_path / "r18.pth", "--max-steps", "2",
+               "--workdir", tmp_path / "ft")
+    assert proc.returncode == 0, proc.stderr
+    assert "re-initialised the head (fc): the checkpoint has 10 classes, the data has 3" in proc.stdout
+    ev = cli(*args, "--data-dir", folder, "--init-from", tmp_path / "r18.pth", "--eval-only",
+             "--workdir", tmp_path / "ev")
+    assert ev.returncode == 0, ev.stderr
+    assert "top-1" in ev.stdout and "val loss" in ev.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--arch", "resnet19"])
+    assert e.value.code == 2 and "resnet18" in capsys.readouterr().err
+    code = train_main([*SMALL, "--data-dir", str(tmp_path / "nope"), "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+    code = train_main([*SMALL, "--dataset", "synthetic", "--resume", "--workdir", str(tmp_path / "wd2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--resume: no checkpoint" in err[0]
+    help_text = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True,
+                               cwd=REPO).stdout
+    for flag in ("--arch", "--dataset", "--data-dir", "--image-size", "--batch-size", "--epochs", "--optimizer",
+                 "--lr", "--warmup-steps", "--weight-decay", "--label-smoothing", "--dtype", "--workdir",
+                 "--resume", "--init-from", "--seed", "--eval-only"):
+        assert flag in help_text

@@ -1,0 +1,152 @@
+"""Training state, optimizer, and the jit-compiled ``train_step`` / ``eval_step``.
+
+State is a plain pytree (params, batch stats, optimizer state, step, RNG) so it can be sharded, donated
+and checkpointed; the model's structure (an NNX ``GraphDef``) is static and closed over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from resnet_flax.model import ResNet
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimisation recipe; ``lr`` is the peak learning rate after batch-size scaling."""
+
+    optimizer: str = "adamw"  # "sgd" | "adamw"
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    total_steps: int = 1000
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    label_smoothing: float = 0.0
+
+
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
+    """The linear scaling rule (Goyal et al. 2017): lr grows with the global batch size."""
+    return base_lr * global_batch / reference_batch
+
+
+def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to ``cfg.lr`` then cosine decay to 0 at ``cfg.total_steps``."""
+    warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.total_steps, warmup + 1), 0.0)
+
+
+def decay_mask(params: nnx.State) -> Any:
+    """Weight decay on conv and linear kernels only, never on BatchNorm scale/bias or biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """SGD (Nesterov) momentum or AdamW on the warm-up + cosine schedule, decay masked as above."""
+    sched = lr_schedule(cfg)
+    if cfg.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                           optax.sgd(sched, momentum=cfg.momentum, nesterov=cfg.nesterov))
+    if cfg.optimizer == "adamw":
+        return optax.adamw(sched, weight_decay=cfg.weight_decay, mask=decay_mask)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+
+
+def create_train_state(model: ResNet, tx: optax.GradientTransformation, seed: int = 0
+                       ) -> tuple[nnx.GraphDef, TrainState]:
+    """Split ``model`` into its static structure and a fresh :class:`TrainState`."""
+    model.train()
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+    return graphdef, state
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy with optional label smoothing (as torch's ``label_smoothing``)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else \
+        jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
+               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
+
+    Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
+    batch. Masked-out examples (unreadable images) are excluded from the loss.
+    """
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+
+    def loss_fn(model):
+        logits = model(batch["image"])
+        ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
+        return _masked_mean(ce, batch["mask"]), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)  # grads w.r.t. nnx.Param
+    batch_stats = nnx.state(model, nnx.BatchStat)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "train_loss": loss,
+        "train_top1": _masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), batch["mask"]),
+        "grad_norm": optax.tree.norm(grads),
+        "lr": lr_schedule(cfg)(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    """Sums (not means) of loss, top-1 and top-5 hits and example count, so padding and sharding add up."""
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    model.eval()
+    logits = model(batch["image"])
+    labels, mask = batch["label"], batch["mask"]
+    loss = cross_entropy(logits, labels, logits.shape[-1])
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "top1_sum": jnp.sum((topk[:, 0] == labels) * mask),
+        "top5_sum": jnp.sum(jnp.any(topk == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
+              state_sharding: Any = None, batch_sharding: Any = None
+              ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable[[TrainState, Batch], dict]]:
+    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated."""
+    train = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0,
+                    in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
+                    out_shardings=(state_sharding, None) if state_sharding is not None else None)
+    evaluate = jax.jit(functools.partial(eval_step, graphdef),
+                       in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None)
+    return train, evaluate
