@@ -89,10 +89,10 @@ def test_tfds_mock_data(tmp_path, capsys):
 
     with tfds.testing.mock_data(num_examples=24):
         code = train_main([*SMALL, "--dataset", "tf_flowers", "--max-steps", "3", "--log-every", "1",
-                           "--workdir", str(tmp_path / "wd")])
+                           "--dtype", "bfloat16", "--workdir", str(tmp_path / "wd")])
     _out, err = capsys.readouterr()
     assert code == 0, err
-    assert len(losses(tmp_path / "wd")) == 3
+    assert len(losses(tmp_path / "wd")) == 3 and all(np.isfinite(v) for v in losses(tmp_path / "wd").values())
     run = json.loads((tmp_path / "wd" / "run.json").read_text())
     assert run["class_names"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
 
@@ -163,6 +163,11 @@ def test_fine_tune_from_pytorch_weights_and_eval_only(folder, tmp_path):
                "--workdir", tmp_path / "ft")
     assert proc.returncode == 0, proc.stderr
     assert "re-initialised the head (fc): the checkpoint has 10 classes, the data has 3" in proc.stdout
+    # rerunning resumes the fine-tuned resnet18 (not the default resnet34) and trains on
+    more = cli(*args, "--data-dir", folder, "--init-from", tmp_path / "r18.pth", "--max-steps", "3",
+               "--workdir", tmp_path / "ft")
+    assert more.returncode == 0, more.stderr
+    assert "resumed from" in more.stdout and max(losses(tmp_path / "ft")) > 0 and 3 in losses(tmp_path / "ft")
     ev = cli(*args, "--data-dir", folder, "--init-from", tmp_path / "r18.pth", "--eval-only",
              "--workdir", tmp_path / "ev")
     assert ev.returncode == 0, ev.stderr

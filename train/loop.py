@@ -64,6 +64,13 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
     return model
 
 
+def rebuild_model(cfg: TrainConfig) -> ResNet:
+    """The structure recorded in the workdir's run.json (its weights come from the checkpoint)."""
+    run = json.loads((cfg.workdir / RUN_FILE).read_text())
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    return ResNet(ResNetConfig.from_dict(run["model"]), dtype=dtype, rngs=nnx.Rngs(cfg.seed))
+
+
 def make_mesh() -> tuple[NamedSharding, NamedSharding]:
     """(replicated, batch-sharded) shardings over a 1-D ``data`` mesh of every device of every host."""
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -157,7 +164,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         raise RunError(f"--resume: no checkpoint in {cfg.workdir / 'checkpoints'}; drop --resume to start afresh")
     if resuming:
         check_same_run(cfg)
-    model = build_model(dataclasses.replace(cfg, init_from=None) if resuming else cfg, splits.num_classes)
+    model = rebuild_model(cfg) if resuming else build_model(cfg, splits.num_classes)
+    model_config = model.config
     graphdef, state = create_train_state(model, tx, cfg.seed)
     del model
     state = jax.device_put(state, replicated)
@@ -177,8 +185,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             metrics.write({"step": int(meta["step"]), "epoch": int(meta["epoch"]), **result})
             log(format_eval(result))
             return result
-        write_run_file(cfg, ResNetConfig.from_dict(json.loads(json.dumps(
-            nnx.merge(graphdef, state.params, state.batch_stats).config.to_dict()))), splits.class_names)
+        write_run_file(cfg, model_config, splits.class_names)
         metrics.truncate_after(int(meta["step"]))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
             f"{len(splits.train)} images ({splits.num_classes} classes), validating on {len(splits.val)}; "
