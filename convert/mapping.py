@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from resnet_flax.io import WeightsError, _some
+from resnet_flax.io import WeightsError, _some, key_mismatch
 from resnet_flax.model import ResNetConfig
 
 # (flax leaf, kind of owner module) -> torch leaf
@@ -119,12 +119,7 @@ def torch_to_flax(sd: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]
     missing = sorted(t for t, f in by_torch.items() if t not in sd and not t.endswith("num_batches_tracked"))
     extra = sorted(k for k in sd if k not in by_torch)
     if missing or extra:
-        msg = []
-        if missing:
-            msg.append(f"missing {len(missing)} key(s): {_some(missing)}")
-        if extra:
-            msg.append(f"unexpected {len(extra)} key(s): {_some(extra)}")
-        raise WeightsError("; ".join(msg))
+        raise WeightsError(key_mismatch(missing, extra))
     out = {}
     for tkey, fkey in by_torch.items():
         if tkey not in sd:

@@ -47,7 +47,7 @@ def load_flat_state(model: ResNet, arrays: dict[str, np.ndarray]) -> ResNet:
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
-        raise WeightsError(_key_mismatch(missing, extra))
+        raise WeightsError(key_mismatch(missing, extra))
     for key, var in expected.items():
         value = arrays[key]
         if tuple(value.shape) != tuple(var.shape):
@@ -58,7 +58,8 @@ def load_flat_state(model: ResNet, arrays: dict[str, np.ndarray]) -> ResNet:
     return model
 
 
-def _key_mismatch(missing: list[str], extra: list[str]) -> str:
+def key_mismatch(missing: list[str], extra: list[str]) -> str:
+    """One line naming (some of) the missing and the unexpected keys."""
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} key(s): {_some(missing)}")
