@@ -313,6 +313,30 @@ def test_unprepared_tfds_dataset_that_cannot_download_raises(tmp_path: Path, mon
     assert "ConnectionError: no route to host" in message and "tfds build tf_flowers" in message
 
 
+def test_tf_flowers_first_build_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TFDS's real tf_flowers builder on a local archive: prepares and loads when TensorFlow is installed,
+    otherwise stops with a one-line message naming the install command."""
+    import importlib.util
+    import tarfile
+
+    tfds = pytest.importorskip("tensorflow_datasets")
+    photos = tmp_path / "flower_photos"
+    for name in ("daisy", "roses"):
+        (photos / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(photos / name / f"{i}.jpg")
+    archive = tmp_path / "flower_photos.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(photos, arcname="flower_photos")
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", lambda self, url: str(archive))
+    if importlib.util.find_spec("tensorflow") is None:
+        message = _one_line_error("needs TensorFlow", dataset="tf_flowers", tfds_data_dir=str(tmp_path / "d"))
+        assert "pip install 'resnet-flax[tfds]'" in message and "--data-dir" in message
+    else:
+        splits = data.load_splits("tf_flowers", tfds_data_dir=str(tmp_path / "d"))
+        assert len(splits.train) + len(splits.val) == 6
+
+
 def test_tfds_tf_flowers_through_mock_data() -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=10):

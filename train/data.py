@@ -301,6 +301,14 @@ def _tfds_prepare(builder: Any, name: str) -> None:
         )
     try:
         builder.download_and_prepare()
+    except ModuleNotFoundError as e:
+        if "tensorflow" not in str(e):
+            raise
+        raise DataError(
+            f"preparing TFDS dataset {name!r} the first time runs TFDS's builder, which needs TensorFlow; "
+            "install it with `pip install 'resnet-flax[tfds]'` (or tensorflow-cpu) and rerun, "
+            "or pass --data-dir path/to/image_folder"
+        ) from None
     except Exception as e:
         raise DataError(
             f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({_first_line(e)}); "
