@@ -162,7 +162,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     resuming = ckpts is not None and ckpts.latest_step() is not None
     if cfg.resume and not resuming:
         raise RunError(f"--resume: no checkpoint in {cfg.workdir / 'checkpoints'}; drop --resume to start afresh")
-    if resuming:
+    if resuming and not cfg.eval_only:  # evaluating may use another batch size; it changes nothing
         check_same_run(cfg)
     model = rebuild_model(cfg) if resuming else build_model(cfg, splits.num_classes)
     model_config = model.config
