@@ -1,0 +1,216 @@
+"""``python -m benchmarks``: Flax vs PyTorch images/s, compile time and peak memory, side by side.
+
+Examples::
+
+    python -m benchmarks --quick                      # the README's table, about 5 minutes on 2 CPU cores
+    python -m benchmarks --arch resnet50 --batch 16 32 --mode train --steps 7
+    python -m benchmarks --levers --arch resnet18     # each Flax lever on its own, as ratios
+    python -m benchmarks --torch-compile              # add a torch.compile (inductor) column
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.config import FLAX_PLAIN, LEVERS, Case, fast_options
+from benchmarks.harness import ROOT, Result, Timing, last_line, measure
+from benchmarks.report import comparison_rows, converter_line, lever_rows, markdown, pipeline_rows, write_json
+from benchmarks.worker import REPLY_PREFIX
+
+MODES = ("infer", "train")
+FULL_BATCHES = {"infer": (8, 32), "train": (8, 16)}
+QUICK_BATCHES = {("resnet18", "infer"): (8,), ("resnet18", "train"): (8,),
+                 ("resnet50", "infer"): (8,), ("resnet50", "train"): (8,)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description="Flax vs PyTorch ResNet speed.")
+    p.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"], help="torchvision architecture names")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: per arch and mode, see --quick)")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="compute dtype of both frameworks (auto: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--steps", type=int, help="timed calls per implementation (median reported; default 5, quick 3)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--quick", action="store_true", help="one batch size per row, 3 timed calls, no plain-Flax column")
+    p.add_argument("--torch-compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain-Flax column (only flax-fast)")
+    p.add_argument("--levers", nargs="*", metavar="NAME", choices=list(LEVERS),
+                   help=f"measure Flax levers (all, or those named: {', '.join(LEVERS)}) instead of the main table")
+    p.add_argument("--skip", nargs="*", default=[], choices=["models", "pipeline", "converter"])
+    p.add_argument("--max-foreign", type=float, default=0.15,
+                   help="retry samples during which other processes used more than this share of the CPUs")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each timed call wait up to S seconds for other processes to leave the CPUs idle")
+    p.add_argument("--out", type=Path, default=Path("bench-results/benchmark.json"))
+    return p.parse_args(argv)
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the tables go to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def has_gpu() -> bool:
+    """Whether an NVIDIA GPU is visible (decided without importing either framework into this process)."""
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def resolve_dtype(requested: str, gpu: bool) -> str:
+    """bf16 on GPU (torch runs AMP there), float32 on CPU, unless asked otherwise."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if gpu else "float32"
+
+
+def batches_for(args: argparse.Namespace, arch: str, mode: str) -> tuple[int, ...]:
+    """Batch sizes of one (arch, mode) row group."""
+    if args.batch:
+        return tuple(args.batch)
+    if args.quick:
+        return QUICK_BATCHES.get((arch, mode), (8,))
+    return FULL_BATCHES[mode]
+
+
+def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str) -> list[Case]:
+    """The implementations of one workload in the main table, in timing order."""
+    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": args.image_size, "dtype": dtype}
+    cases = [Case("torch", "torch", **common)]
+    if not (args.no_plain or args.quick):
+        cases.append(Case("flax", "flax", flax=FLAX_PLAIN, **common))
+    cases.append(Case("flax-fast", "flax", flax=fast_options(mode), **common))
+    if args.torch_compile:
+        cases.append(Case("torch.compile", "torch", torch_compile=True, **common))
+    return cases
+
+
+def lever_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str) -> list[Case]:
+    """PyTorch plus every Flax lever that applies to ``mode``."""
+    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": args.image_size, "dtype": dtype}
+    cases = [Case("torch", "torch", **common)]
+    wanted = set(args.levers or LEVERS) | {"plain"}
+    cases += [Case(name, "flax", flax=opts, **common) for name, (modes, opts) in LEVERS.items()
+              if mode in modes and name in wanted]
+    return cases
+
+
+def run_models(args: argparse.Namespace, dtype: str, timing: Timing,
+               make_cases: Callable[..., list[Case]]) -> list[list[Result]]:
+    """Measure every (arch, mode, batch) group; each group's implementations alternate."""
+    groups = []
+    for arch in args.arch:
+        for mode in args.mode:
+            for batch in batches_for(args, arch, mode):
+                log(f"{arch} {mode} batch {batch}:")
+                t0 = time.perf_counter()
+                groups.append(measure(make_cases(args, arch, mode, batch, dtype), timing, log))
+                summary = ", ".join(f"{r.case.impl} {r.images_per_s:.1f}" if r.ok and r.images_per_s else
+                                    f"{r.case.impl} n/a" for r in groups[-1])
+                log(f"  img/s: {summary}  ({time.perf_counter() - t0:.0f} s)")
+    return groups
+
+
+def run_child(module: str, args: list[str]) -> dict[str, Any]:
+    """Run ``python -m module`` and return its ``@@bench`` JSON report (or an error record)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(REPLY_PREFIX):
+            return json.loads(line[len(REPLY_PREFIX):])
+    return {"error": f"{module} failed (rc={proc.returncode}): {last_line(proc.stderr)}"}
+
+
+def environment(gpu: bool, dtype: str) -> dict[str, Any]:
+    """Versions and machine facts recorded with the results."""
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "grain", "pillow"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "gpu": gpu, "dtype": dtype, "versions": versions,
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "loadavg_start": _loadavg()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def print_models(groups: list[list[Result]], levers: bool, with_compile: bool) -> dict[str, Any]:
+    """Print the model table; return it as markdown and as rows of {column: cell} for the JSON."""
+    header, rows = lever_rows(groups) if levers else comparison_rows(groups, with_compile)
+    table = markdown(header, rows)
+    print(table)
+    failures = [f"{r.case.impl} {r.case.arch} {r.case.mode} b{r.case.batch}: {r.error}"
+                for g in groups for r in g if not r.ok]
+    for line in failures:
+        print(f"n/a: {line}")
+    name = "levers" if levers else "models"
+    return {name: table, f"{name}_rows": [dict(zip(header, row)) for row in rows]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run what was asked, print the tables, write the JSON."""
+    args = parse_args(argv)
+    gpu = has_gpu()
+    dtype = resolve_dtype(args.dtype, gpu)
+    timing = Timing(steps=args.steps or (3 if args.quick else 5), max_foreign=args.max_foreign,
+                    wait_quiet_s=args.wait_quiet)
+    payload: dict[str, Any] = {"environment": environment(gpu, dtype), "timing": vars(timing),
+                               "argv": list(argv if argv is not None else sys.argv[1:])}
+    started = time.perf_counter()
+    tables: dict[str, Any] = {}
+    if "models" not in args.skip:
+        groups = run_models(args, dtype, timing, lever_cases if args.levers is not None else comparison_cases)
+        payload["results"] = [r.to_dict() for g in groups for r in g]
+        tables.update(print_models(groups, args.levers is not None, args.torch_compile))
+    if "pipeline" not in args.skip and args.levers is None:
+        log("input pipeline (decode + augment JPEGs):")
+        payload["pipeline"] = run_child("benchmarks.pipeline", ["--image-size", str(args.image_size)])
+        if "error" in payload["pipeline"]:
+            print(f"input pipeline: n/a ({payload['pipeline']['error']})")
+        else:
+            tables["pipeline"] = markdown(*pipeline_rows(payload["pipeline"]))
+            print(f"\ninput pipeline ({payload['pipeline']['batch_size']} per batch, 500x375 JPEG -> "
+                  f"{args.image_size}):\n{tables['pipeline']}")
+    if "converter" not in args.skip and args.levers is None:
+        log("converter (wide_resnet101_2):")
+        payload["converter"] = run_child("benchmarks.converter", [])
+        print("\n" + converter_line(payload["converter"]))
+    payload["tables"] = tables
+    payload["environment"]["loadavg_end"] = _loadavg()
+    payload["wall_s"] = time.perf_counter() - started
+    log(f"wrote {write_json(args.out, payload)} ({payload['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

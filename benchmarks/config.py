@@ -1,0 +1,94 @@
+"""What one measurement runs: the implementation, the workload, and the Flax levers applied to it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+from train.steps import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS
+
+Mode = Literal["infer", "train"]
+Framework = Literal["flax", "torch"]
+
+# XLA:CPU (jaxlib 0.10) sends convolutions and reductions to YNNPACK by default. Its weight-gradient
+# convolutions are very slow (a 1x1 conv's weight gradient took 45-80x PyTorch's time here) and its forward
+# ones slower than XLA's Eigen path, which is close to PyTorch's oneDNN (see README.md). Keeping only
+# reductions in YNNPACK gives Eigen convolutions and YNNPACK's faster BatchNorm reductions (training).
+YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps uses on CPU
+# Nothing in YNNPACK: Eigen convolutions and XLA's own reduction loops.
+YNN_OFF: dict[str, Any] = CPU_EVAL_OPTIONS
+FAST_MATH: dict[str, Any] = {"xla_cpu_enable_fast_math": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaxOptions:
+    """Levers for the Flax side; the defaults are the plain model under ``jax.jit``."""
+
+    fold_bn: bool = False  # inference: BatchNorm folded into the convolutions (resnet_flax.fuse)
+    donate: bool = True  # training: donate the train state to the step (train.steps.jit_steps does)
+    fast_maxpool: bool = False  # experimental: benchmarks.maxpool's cheap max-pool backward (not in resnet_flax)
+    host_round_trip: bool = False  # training: batch from numpy each step and the loss read back (a real loop)
+    cpu_compiler_options: tuple[tuple[str, Any], ...] = ()  # XLA options for this compile, on CPU only
+
+    @staticmethod
+    def with_options(options: dict[str, Any], **kwargs: Any) -> FlaxOptions:
+        """FlaxOptions whose XLA:CPU compiler options are ``options`` (kept as a hashable tuple)."""
+        return FlaxOptions(cpu_compiler_options=tuple(sorted(options.items())), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One implementation on one workload; sent as JSON to a worker process."""
+
+    impl: str  # the column name, e.g. "flax", "flax-fast", "torch", "torch.compile"
+    framework: Framework
+    arch: str
+    mode: Mode
+    batch: int
+    image_size: int = 224
+    dtype: str = "float32"
+    flax: FlaxOptions = FlaxOptions()
+    torch_compile: bool = False
+    seed: int = 0
+
+    def to_json(self) -> str:
+        """One line of JSON (the worker's first stdin line)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> Case:
+        """The inverse of :meth:`to_json`."""
+        d = json.loads(text)
+        flax = d.pop("flax")
+        flax["cpu_compiler_options"] = tuple(tuple(kv) for kv in flax["cpu_compiler_options"])
+        return Case(flax=FlaxOptions(**flax), **d)
+
+
+# The Flax configurations compared in the main table: the plain model, and the fastest levers found here.
+FLAX_PLAIN = FlaxOptions()
+FLAX_FAST_INFER = FlaxOptions.with_options(YNN_OFF, fold_bn=True)
+FLAX_FAST_TRAIN = FlaxOptions.with_options(YNN_REDUCE_ONLY)
+
+
+def fast_options(mode: Mode) -> FlaxOptions:
+    """The "flax-fast" levers for ``mode``."""
+    return FLAX_FAST_INFER if mode == "infer" else FLAX_FAST_TRAIN
+
+
+# Each lever alone and stacked, for ``--levers``: name -> (modes it applies to, options). The training levers
+# after "ynn-reduce-only" (flax-fast's setting) are stacked on it, so their effect is read against it.
+_FAST_TRAIN_OPTIONS = dict(FLAX_FAST_TRAIN.cpu_compiler_options)
+LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
+    "plain": (("infer", "train"), FLAX_PLAIN),
+    "fold-bn": (("infer",), FlaxOptions(fold_bn=True)),
+    "fast-math": (("infer", "train"), FlaxOptions.with_options(FAST_MATH)),
+    "ynn-off": (("infer", "train"), FlaxOptions.with_options(YNN_OFF)),
+    "ynn-off+fast-math": (("infer",), FlaxOptions.with_options({**YNN_OFF, **FAST_MATH})),
+    "ynn-reduce-only": (("infer", "train"), FlaxOptions.with_options(YNN_REDUCE_ONLY)),
+    "ynn-off+fold-bn": (("infer",), FLAX_FAST_INFER),
+    "ynn-reduce-only+no-donation": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, donate=False)),
+    "ynn-reduce-only+host-round-trip": (("train",),
+                                        FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, host_round_trip=True)),
+    "ynn-reduce-only+fast-maxpool": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, fast_maxpool=True)),
+}

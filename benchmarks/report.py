@@ -1,0 +1,130 @@
+"""Formatting: the comparison table, the lever table, and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import Result
+
+
+def fmt(value: float | None, spec: str = ".1f", missing: str = "n/a") -> str:
+    """``value`` formatted, or ``missing`` when it is None."""
+    return missing if value is None else format(value, spec)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None if either is missing."""
+    return None if a is None or not b else a / b
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _by_impl(results: Sequence[Result]) -> dict[str, Result]:
+    return {r.case.impl: r for r in results}
+
+
+def _mem(r: Result | None) -> str:
+    """Peak memory of one implementation: device peak on an accelerator, else the worker's peak RSS."""
+    if r is None or not r.ok:
+        return "n/a"
+    device = r.memory.get("device_peak_mb")
+    return fmt(device if device is not None else r.memory.get("peak_rss_mb"), ".0f")
+
+
+def foreign_cpu(group: Sequence[Result]) -> float | None:
+    """Median share of the CPUs that other processes used during the group's timed calls."""
+    shares = [s.foreign for r in group for s in r.samples if s.foreign is not None]
+    return statistics.median(shares) if shares else None
+
+
+def _compile_s(r: Result | None) -> str:
+    """jit compile seconds (Flax) or first-call seconds (torch.compile) of one implementation."""
+    return fmt(r.ready.get("compile_s") if r is not None and r.ok else None)
+
+
+def comparison_rows(groups: Sequence[Sequence[Result]], with_compile: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per workload (arch, mode, batch) with every implementation side by side."""
+    compiled = ("flax", "flax-fast", "torch.compile") if with_compile else ("flax", "flax-fast")
+    memory = ("torch", "flax", "flax-fast", "torch.compile") if with_compile else ("torch", "flax", "flax-fast")
+    header = ["arch", "mode", "batch", "torch img/s", "flax img/s", "flax-fast img/s", "flax/torch",
+              "fast/torch"]
+    if with_compile:
+        header += ["torch.compile img/s", "fast/compile"]
+    header += [f"compile s ({', '.join(compiled)})", f"peak MB ({', '.join(memory)})", "other procs CPU"]
+    rows = []
+    for group in groups:
+        by = _by_impl(group)
+        first = group[0].case
+        ips = {k: (r.images_per_s if r.ok else None) for k, r in by.items()}
+        torch_ips = ips.get("torch")
+        row = [first.arch, first.mode, str(first.batch), fmt(torch_ips), fmt(ips.get("flax")),
+               fmt(ips.get("flax-fast")), fmt(ratio(ips.get("flax"), torch_ips), ".2f"),
+               fmt(ratio(ips.get("flax-fast"), torch_ips), ".2f")]
+        if with_compile:
+            row += [fmt(ips.get("torch.compile")), fmt(ratio(ips.get("flax-fast"), ips.get("torch.compile")), ".2f")]
+        row += [", ".join(_compile_s(by.get(k)) for k in compiled), ", ".join(_mem(by.get(k)) for k in memory),
+                _share(foreign_cpu(group))]
+        rows.append(row)
+    return drop_empty_columns(header, rows, {"flax img/s", "flax/torch"})
+
+
+def drop_empty_columns(header: list[str], rows: list[list[str]], optional: set[str]
+                       ) -> tuple[list[str], list[list[str]]]:
+    """Remove the ``optional`` columns that are "n/a" in every row (e.g. plain Flax under ``--quick``)."""
+    keep = [i for i, name in enumerate(header) if name not in optional or any(r[i] != "n/a" for r in rows)]
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def lever_rows(groups: Sequence[Sequence[Result]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the lever study: each Flax variant's speed relative to PyTorch and to plain Flax."""
+    header = ["arch", "mode", "batch", "lever", "img/s", "vs torch", "vs plain flax", "compile s", "other procs CPU"]
+    rows = []
+    for group in groups:
+        by = _by_impl(group)
+        torch_ips = by["torch"].images_per_s if "torch" in by and by["torch"].ok else None
+        plain = by.get("plain")
+        plain_ips = plain.images_per_s if plain is not None and plain.ok else None
+        for r in group:
+            ips = r.images_per_s if r.ok else None
+            rows.append([r.case.arch, r.case.mode, str(r.case.batch), r.case.impl, fmt(ips),
+                         fmt(ratio(ips, torch_ips), ".2f"), fmt(ratio(ips, plain_ips), ".2f"),
+                         fmt(r.ready.get("compile_s") if r.ok else None), _share(foreign_cpu([r]))])
+    return header, rows
+
+
+def _share(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.0f}%"
+
+
+def pipeline_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the input-pipeline measurement."""
+    header = ["num_workers", "img/s (epoch)", "img/s per process", "img/s after 1st batch", "1st batch s"]
+    rows = [[str(r["num_workers"]), fmt(r["images_per_s"]), fmt(r["images_per_s_per_process"]),
+             fmt(r["steady_images_per_s"]), fmt(r["first_batch_s"], ".2f")] for r in report.get("rows", [])]
+    return header, rows
+
+
+def converter_line(report: dict[str, Any]) -> str:
+    """One line summarising the converter timing."""
+    if "error" in report:
+        return f"converter: n/a ({report['error']})"
+    return (f"converter {report['arch']} ({report['params'] / 1e6:.1f}M params): from_state_dict "
+            f"{report['from_state_dict_s']:.2f} s + build_model {report['build_model_s']:.2f} s + save "
+            f"{report['save_s']:.2f} s = {report['convert_total_s']:.2f} s; file {report['file_mb']:.0f} MB, "
+            f"peak RSS {report['peak_rss_mb']:.0f} MB")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path

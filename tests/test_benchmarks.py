@@ -1,0 +1,91 @@
+"""The benchmark's bookkeeping (no timing): case round-trips, contention rule, table arithmetic, CLI plan."""
+
+from __future__ import annotations
+
+from benchmarks.__main__ import batches_for, comparison_cases, lever_cases, parse_args
+from benchmarks.config import FLAX_FAST_INFER, FLAX_FAST_TRAIN, YNN_OFF, Case, FlaxOptions
+from benchmarks.harness import Result, Sample, Timing
+from benchmarks.report import comparison_rows, foreign_cpu, lever_rows
+
+
+def test_case_json_round_trip_keeps_flax_options():
+    case = Case("flax-fast", "flax", "resnet50", "infer", 16, flax=FLAX_FAST_INFER)
+    back = Case.from_json(case.to_json())
+    assert back == case
+    assert dict(back.flax.cpu_compiler_options) == YNN_OFF and back.flax.fold_bn
+
+
+def test_burst_rule_retries_bursts_but_not_a_steady_neighbour():
+    timing = Timing(max_foreign=0.15, burst_margin=0.15)
+    assert not timing.is_burst(0.10, [])
+    assert not timing.is_burst(None, [0.5])
+    assert timing.is_burst(0.60, [])  # nothing to compare with yet
+    assert not timing.is_burst(0.55, [0.50, 0.48, 0.52])  # the usual level of this run
+    assert timing.is_burst(0.90, [0.50, 0.48, 0.52])
+
+
+def result(impl: str, seconds: list[float], batch: int = 8, foreign: float = 0.5, **ready) -> Result:
+    framework = "torch" if impl.startswith("torch") else "flax"
+    case = Case(impl, framework, "resnet18", "train", batch, flax=FlaxOptions())
+    return Result(case, ok=True, samples=[Sample(s, foreign) for s in seconds], ready=ready,
+                  memory={"peak_rss_mb": 1000.0, "device_peak_mb": None})
+
+
+def test_comparison_row_uses_medians_and_ratios():
+    group = [result("torch", [2.0, 4.0, 100.0]), result("flax", [8.0, 8.0, 8.0], compile_s=10.0),
+             result("flax-fast", [1.0, 2.0, 3.0], compile_s=12.5)]
+    assert group[0].images_per_s == 2.0  # median 4 s for 8 images
+    header, rows = comparison_rows([group], with_compile=False)
+    row = dict(zip(header, rows[0]))
+    assert row["torch img/s"] == "2.0" and row["flax img/s"] == "1.0" and row["flax-fast img/s"] == "4.0"
+    assert row["flax/torch"] == "0.50" and row["fast/torch"] == "2.00"
+    assert row["compile s (flax, flax-fast)"] == "10.0, 12.5"
+    assert row["other procs CPU"] == "50%"
+    assert foreign_cpu(group) == 0.5
+
+
+def test_failed_implementation_reads_na():
+    failed = Result(Case("torch.compile", "torch", "resnet18", "train", 8), ok=False, error="boom")
+    group = [result("torch", [1.0]), result("flax-fast", [0.5]), failed]
+    header, rows = comparison_rows([group], with_compile=True)
+    row = dict(zip(header, rows[0]))
+    assert row["torch.compile img/s"] == "n/a" and row["fast/compile"] == "n/a"
+    assert "flax img/s" not in row and "flax/torch" not in row  # no plain-Flax result: column dropped
+    _, lever = lever_rows([[result("torch", [1.0]), result("plain", [2.0])]])
+    assert [r[5:7] for r in lever] == [["1.00", "2.00"], ["0.50", "1.00"]]
+
+
+def test_cli_plan():
+    quick = parse_args(["--quick"])
+    assert batches_for(quick, "resnet50", "train") == (8,)
+    assert [c.impl for c in comparison_cases(quick, "resnet18", "infer", 8, "float32")] == ["torch", "flax-fast"]
+    full = parse_args(["--batch", "4", "32", "--torch-compile"])
+    assert batches_for(full, "resnet18", "train") == (4, 32)
+    cases = comparison_cases(full, "resnet18", "train", 4, "float32")
+    assert [c.impl for c in cases] == ["torch", "flax", "flax-fast", "torch.compile"]
+    assert cases[2].flax == FLAX_FAST_TRAIN and cases[3].torch_compile
+    levers = lever_cases(parse_args(["--levers", "ynn-off"]), "resnet18", "train", 8, "float32")
+    assert [c.impl for c in levers] == ["torch", "plain", "ynn-off"]
+
+
+def test_fast_maxpool_equals_nnx_max_pool_with_gradients():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks.maxpool import max_pool_3x3s2
+
+    rng = np.random.default_rng(0)
+    # Post-ReLU integers: many exact ties, where only the first maximum of a window may get the gradient.
+    x = jnp.asarray(np.maximum(np.round(rng.normal(size=(2, 12, 10, 3)) * 2), 0), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(2, 6, 5, 3)), jnp.float32)
+
+    def reference(x):
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    y_ref, back_ref = jax.vjp(reference, x)
+    y, back = jax.vjp(max_pool_3x3s2, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_allclose(np.asarray(back(ct)[0]), np.asarray(back_ref(ct)[0]), rtol=0, atol=1e-6)
+    assert float(jnp.abs(back(ct)[0]).sum()) > 1.0
