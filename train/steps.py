@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from resnet_flax.fuse import CPU_COMPILER_OPTIONS
 from resnet_flax.model import ResNet
 
 Batch = dict[str, jax.Array]
@@ -144,7 +145,7 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
 # YNNPACK fusion makes the ResNet training step 2-4.6x slower on CPU; reduce-only fusion is fastest for
 # training, no YNNPACK fusion for inference. Other backends get no options.
 CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_EVAL_OPTIONS = CPU_COMPILER_OPTIONS
 
 
 @functools.cache
