@@ -111,13 +111,6 @@ def stem_pool(x: jax.Array) -> jax.Array:
 class FastPoolResNet(ResNet):
     """``ResNet`` with :func:`stem_pool` in place of ``nnx.max_pool``; same variables, same outputs."""
 
-    def stages(self, x: jax.Array) -> dict[str, jax.Array]:
-        """As ``ResNet.stages``, with the fast max-pool."""
-        x = x.astype(self.dtype)
-        x = stem_pool(jax.nn.relu(self.bn1(self.conv1(x))))
-        out = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            for blk in getattr(self, name):
-                x = blk(x)
-            out[name] = x
-        return out
+    def stem(self, x: jax.Array) -> jax.Array:
+        """As ``ResNet.stem``, with the fast max-pool."""
+        return stem_pool(jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)))))

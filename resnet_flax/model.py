@@ -154,12 +154,14 @@ class ResNet(nnx.Module):
             layers.append(block(self.inplanes, planes, dilation=self.dilation, **kw))
         return nnx.List(layers)
 
+    def stem(self, x: jax.Array) -> jax.Array:
+        """conv1, bn1, ReLU and the 3x3/2 max-pool (-inf padding, as torch's MaxPool2d(3, 2, padding=1))."""
+        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
     def stages(self, x: jax.Array) -> dict[str, jax.Array]:
         """The outputs of ``layer1`` .. ``layer4`` (NHWC), as a backbone gives them."""
-        x = x.astype(self.dtype)
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        # -inf padding, as torch's MaxPool2d(3, 2, padding=1).
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = self.stem(x)
         out = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for blk in getattr(self, name):
