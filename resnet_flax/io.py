@@ -13,7 +13,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from resnet_flax.layers import Dtype
@@ -97,8 +97,6 @@ def save(model: ResNet, path: str | os.PathLike, extra_metadata: dict[str, str] 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The safetensors header metadata of ``path`` ({} if none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="numpy") as f:
         return dict(f.metadata() or {})
 

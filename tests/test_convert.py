@@ -70,8 +70,6 @@ def test_wrapped_state_dicts(tmp_path, r18, r18_logits, wrap):
         "module_prefix": {f"module.{k}": v for k, v in sd.items()},
         "lightning": {"state_dict": {f"model.backbone.{k}": v for k, v in sd.items()}},
     }[wrap]
-    if wrap == "state_dict":
-        obj = {"epoch": 3, "state_dict": sd}
     torch.save(obj, tmp_path / "w.pth")
     assert_same_outputs(convert.load_model(tmp_path / "w.pth"), r18_logits)
 
