@@ -172,9 +172,9 @@ def default_output(src: Path, to_flax: bool) -> Path:
     return src.with_name(name + ".pth")
 
 
-def save_torch(model: ResNet, path: str | Path) -> Path:
-    """Write ``model`` as a torchvision state dict with torch.save (atomically)."""
+def save_torch(model: ResNet, path: str | Path, *, exclusive: bool = False) -> Path:
+    """Write ``model`` as a torchvision state dict with torch.save (atomically; never replacing if ``exclusive``)."""
     import torch
 
     sd = to_torch_state_dict(model)
-    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    return atomic_write(path, lambda tmp: torch.save(sd, tmp), exclusive=exclusive)
