@@ -27,6 +27,9 @@ from resnet_flax.io import WeightsError
 
 MAX_PICKLE_BYTES = 64 << 20  # a ResNet's data.pkl is ~30 KB; Lightning/timm extras stay far below this
 MAX_NDIM = 32
+# torch.save's pickler appends and sets items in batches of 1000, so a state dict never needs more than a few
+# thousand objects on the unpickler's stack; deeper means containers nested to build memory (~100 bytes each).
+MAX_PICKLE_STACK = 100_000
 # Tensors may view a storage more than once (tied weights, {"model": sd, "ema": sd}); beyond this many bytes of
 # tensors per byte of file, the file describes data it does not hold.
 MAX_TENSOR_BYTES_PER_FILE_BYTE = 4
@@ -42,8 +45,15 @@ STORAGE_DTYPES: dict[str, np.dtype] = {
     "UInt64Storage": np.dtype(np.uint64), "UntypedStorage": np.dtype(np.uint8),
     "Float8_e4m3fnStorage": np.dtype(ml_dtypes.float8_e4m3fn), "Float8_e5m2Storage": np.dtype(ml_dtypes.float8_e5m2),
 }
-TORCH_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-                "complex64", "complex128", "float", "double", "half", "long", "int", "short"}
+# torch dtypes by name (pickled as globals ``torch.float32`` ...), for _rebuild_tensor_v3 and inert metadata.
+TORCH_DTYPES: dict[str, np.dtype] = {
+    "float64": np.dtype(np.float64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16), "int64": np.dtype(np.int64), "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8), "bool": np.dtype(np.bool_),
+    "complex64": np.dtype(np.complex64), "complex128": np.dtype(np.complex128), "uint16": np.dtype(np.uint16),
+    "uint32": np.dtype(np.uint32), "uint64": np.dtype(np.uint64),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
 # TorchScript's typed containers: inert wrappers around lists (build_tensor_from_id is not among them).
 SCRIPT_LISTS = {"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_genericlist",
                 "restore_type_tag"}
@@ -77,6 +87,15 @@ class ScriptObject:
 class _StorageType:
     def __init__(self, name: str):
         self.name, self.dtype = name, STORAGE_DTYPES[name]
+
+
+class _TorchDtype(str):
+    """A torch dtype named in a pickle (``"torch.float32"``): an inert string that knows its numpy dtype."""
+
+    def __new__(cls, name: str) -> _TorchDtype:
+        self = super().__new__(cls, f"torch.{name}")
+        self.np = TORCH_DTYPES[name]
+        return self
 
 
 class _Storage:
@@ -130,6 +149,15 @@ class _Reader:
                 and len(size) == len(stride) <= MAX_NDIM and all(_int(s) and s >= 0 for s in size + stride)):
             raise WeightsError(f"{self.path}: a tensor with invalid offset/size/stride; the file is corrupt")
         return _Lazy(storage, offset, size, stride)
+
+    def rebuild_tensor_v3(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                          hooks: Any = None, dtype: Any = None, *_rest: Any) -> _Lazy:
+        """torch's rebuild for an untyped (byte) storage viewed with ``dtype`` (float8, uint16, ...)."""
+        if not (isinstance(storage, _StorageRef) and isinstance(dtype, _TorchDtype)):
+            raise WeightsError(f"{self.path}: a tensor without a storage or dtype; not a torch.save file")
+        nbytes = storage.numel * storage.dtype.itemsize
+        typed = _StorageRef(storage.storage, dtype.np, nbytes // dtype.np.itemsize)
+        return self.rebuild_tensor(typed, offset, size, stride)
 
 
 def _bind(obj: Any, reader: _Reader) -> Any:
@@ -259,6 +287,7 @@ class _Unpickler(pickle.Unpickler):
             ("collections", "OrderedDict"): _ordered_dict,
             ("torch._utils", "_rebuild_tensor"): rebuild,
             ("torch._utils", "_rebuild_tensor_v2"): rebuild,
+            ("torch._utils", "_rebuild_tensor_v3"): reader.rebuild_tensor_v3,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
             ("torch", "Size"): _torch_size,
@@ -270,12 +299,14 @@ class _Unpickler(pickle.Unpickler):
         }
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == "__builtin__":  # protocol 2 names builtins as Python 2 did
+            module = "builtins"
         if (module, name) in self.allowed:
             return self.allowed[(module, name)]
-        if module == "torch" and name in STORAGE_DTYPES:
+        if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
             return _StorageType(name)
         if module == "torch" and name in TORCH_DTYPES:
-            return f"torch.{name}"
+            return _TorchDtype(name)
         if self.script and module == "torch.jit._pickle" and name in SCRIPT_LISTS:
             return _script_list if name != "restore_type_tag" else _restore_type_tag
         if self.script and (module == "__torch__" or module.startswith("__torch__.")):
@@ -295,9 +326,21 @@ def _scan(data: bytes | mmap.mmap, path: Path, start: int = 0) -> int:
     declares before noticing the file is shorter."""
     f = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
     f.seek(start)
-    puts = 0
+    puts, stack, marks = 0, 0, []
     try:
         for op, arg, _pos in pickletools.genops(f):
+            before = op.stack_before
+            if op.name == "MARK":
+                marks.append(stack)
+            elif pickletools.markobject in before:
+                if not marks:
+                    raise WeightsError(f"{path}: a pickle that pops a mark it never set; crafted or corrupt")
+                stack = marks.pop() - before.index(pickletools.markobject) + len(op.stack_after)
+            else:
+                stack += len(op.stack_after) - len(before)
+            if stack + len(marks) > MAX_PICKLE_STACK:
+                raise WeightsError(f"{path}: a pickle holding over {MAX_PICKLE_STACK} objects at once (nested "
+                                   "containers built to exhaust memory?); refused as crafted")
             if op.name in REFUSED_OPCODES:
                 raise Refused(f"pickle opcode {op.name}")
             if op.name in PUT_OPCODES:
@@ -309,6 +352,8 @@ def _scan(data: bytes | mmap.mmap, path: Path, start: int = 0) -> int:
                 puts += 1
             elif op.name == "FRAME" and arg > len(data) - f.tell():
                 raise WeightsError(f"{path}: a pickle frame longer than the file; truncated or crafted")
+    except WeightsError:
+        raise
     except (ValueError, IndexError) as e:  # genops: truncated data, unknown opcode, missing STOP
         raise WeightsError(f"{path}: truncated or corrupt pickle ({e})") from None
     return f.tell()
@@ -372,8 +417,7 @@ def _load_zip(path: Path, mm: mmap.mmap) -> Any:
             for name, info in infos.items():
                 if name.startswith(f"{prefix}code/") and name.endswith(".py") and info.file_size < MAX_PICKLE_BYTES \
                         and b"def __setstate__" in z.read(name):
-                    raise Refused(f"a TorchScript __setstate__ ({name[len(prefix):]}), code that torch.jit.load "
-                                  "would run")
+                    raise Refused(f"a TorchScript __setstate__ ({name[len(prefix):]})")
         byteorder = z.read(f"{prefix}byteorder").strip() if f"{prefix}byteorder" in infos else b"little"
         if byteorder not in (b"little", b"big"):
             raise WeightsError(f"{path}: byteorder {byteorder[:20]!r} is neither little nor big; corrupt file")
