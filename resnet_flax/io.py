@@ -91,10 +91,12 @@ def atomic_write(path: str | os.PathLike, write, *, exclusive: bool = False) -> 
     if exclusive and path.exists():
         raise WeightsError(f"{path} exists; pass --overwrite to replace it or --out for another path")
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask, as the kernel applied it to this new file
         with _cleanup_on_sigterm():
             write(str(tmp))
+            os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave 0600
             if exclusive:
                 _link_exclusive(tmp, path)
             else:
