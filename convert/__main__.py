@@ -11,10 +11,16 @@ EXIT_BAD_INPUT = 2
 VERIFY_TOLERANCE = 1e-4  # relative; float32 parity is ~1e-6, see README
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line (not argparse's usage block), exit 2, like every other refusal."""
+        self.exit(EXIT_BAD_INPUT, f"error: {message}; see python -m convert --help\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from resnet_flax.model import ARCHS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m convert",
         description="Convert a torchvision-style ResNet checkpoint (.pth/.pt saved with torch.save, a TorchScript "
                     "archive, or .safetensors) into a resnet_flax weights file, or a converted .flax.safetensors "
@@ -80,6 +86,10 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
     out = args.out or core.default_output(src, to_flax)
     if out.resolve() == src.resolve():
         raise WeightsError(f"{out}: the output would overwrite the input; pass another --out")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise WeightsError(f"{out}: a file stands where a folder of that path should be; pass another --out")
+    if out.is_dir():
+        raise WeightsError(f"{out} is a folder; pass a file path as --out")
     if out.exists() and not args.overwrite:
         raise WeightsError(f"{out} exists; pass --overwrite to replace it or --out for another path")
 

@@ -398,3 +398,22 @@ def test_killed_mid_write_leaves_no_temporary(tmp_path, capsys, r18, sig):
         assert len(temporaries(tmp_path)) == 1
     assert run_cli(capsys, tmp_path / "a.pth")[0] == 0
     assert temporaries(tmp_path) == []
+
+
+def test_cli_flag_errors_one_line(tmp_path, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    (tmp_path / "f").write_text("a file")
+    cases = {
+        "bad_arch": ["--arch", "resnet19"],
+        "bad_dilation": ["--dilation", "1,1"],
+        "bad_verify_size": ["--verify", "--verify-size", "0"],
+        "out_under_a_file": ["--out", str(tmp_path / "f" / "x.flax.safetensors")],
+        "out_is_a_folder": ["--out", str(tmp_path), "--overwrite"],
+        "unknown_flag": ["--frobnicate"],
+    }
+    for name, args in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "a.pth"), *args], capture_output=True,
+                              text=True, cwd=REPO)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "f"]
