@@ -111,6 +111,17 @@ def test_torchscript_same_as_torch_state_dict(tmp_path, how):
     same(ours, dict(torch.jit.load(str(tmp_path / "m.pt")).state_dict()))
 
 
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_other_pickle_protocols(tmp_path, protocol, legacy):
+    """torch.save(pickle_protocol=...) files; compared with the saved tensors (torch.load refuses protocol 3+ bytes)."""
+    obj = {**all_dtypes(), "blob": b"\x00xy", "nested": {"n": None, "t": (1, 2.5, "s")}}
+    if legacy:
+        obj = {k: v for k, v in obj.items() if not k.startswith("float8")}
+    torch.save(obj, tmp_path / "p.pth", pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy)
+    same(torchfile.load(tmp_path / "p.pth"), obj)
+
+
 def test_arrays_are_memory_mapped_views(tmp_path, r18_sd):
     torch.save(r18_sd, tmp_path / "a.pth")
     w = torchfile.load(tmp_path / "a.pth")["layer1.0.conv1.weight"]
