@@ -11,10 +11,16 @@ EXIT_BAD_INPUT = 2
 VERIFY_TOLERANCE = 1e-4  # relative; float32 parity is ~1e-6, see README
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line (not argparse's usage block), exit 2, like every other refusal."""
+        self.exit(EXIT_BAD_INPUT, f"error: {message}; see python -m convert --help\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from resnet_flax.model import ARCHS
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m convert",
         description="Convert a torchvision-style ResNet checkpoint (.pth/.pt saved with torch.save, a TorchScript "
                     "archive, or .safetensors) into a resnet_flax weights file, or a converted .flax.safetensors "
@@ -31,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run torchvision and the Flax model on one random batch and print the max difference")
     p.add_argument("--verify-size", type=int, default=224, metavar="PX", help="image size for --verify")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert a checkpoint holding NaN/inf values (refused by default: such a model outputs NaN)")
     return p.parse_args(argv)
 
 
@@ -45,26 +53,43 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --dilation {args.dilation!r}: give three 0/1 flags, e.g. 0,1,1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if not 16 <= args.verify_size <= 1024:
+        print(f"error: --verify-size {args.verify_size}: give an image size from 16 to 1024 pixels", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return run(args, dilation)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # unreadable source, read-only or full output folder: nothing was left behind
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, its permissions and the free disk space",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
     import resnet_flax
     from convert import core
-    from convert.reader import detect_format
+    from convert.reader import detect_format, require_torch
     from resnet_flax.io import WeightsError
 
     src: Path = args.src
     if not src.is_file():
-        raise WeightsError(f"{src}: no such file; pass the path of a PyTorch checkpoint")
+        what = "a folder, not a file" if src.is_dir() else "no such file"
+        raise WeightsError(f"{src}: {what}; pass the path of a PyTorch checkpoint")
     to_flax = detect_format(src) != "flax"
+    if not to_flax:
+        require_torch("writing a PyTorch state dict")
+    if args.verify:
+        require_torch("--verify (it runs torchvision)")
     out = args.out or core.default_output(src, to_flax)
     if out.resolve() == src.resolve():
         raise WeightsError(f"{out}: the output would overwrite the input; pass another --out")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise WeightsError(f"{out}: a file stands where a folder of that path should be; pass another --out")
+    if out.is_dir():
+        raise WeightsError(f"{out} is a folder; pass a file path as --out")
     if out.exists() and not args.overwrite:
         raise WeightsError(f"{out} exists; pass --overwrite to replace it or --out for another path")
 
@@ -72,15 +97,16 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
     if not to_flax:
         model = resnet_flax.load(src)
         core.check_arch(model.config, args.arch)
-        core.save_torch(model, out)
+        core.save_torch(model, out, exclusive=not args.overwrite)
         print(f"found {core.describe(model.config)} in {src}")
         print(f"wrote PyTorch state dict {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
         return 0
 
-    ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation)
+    ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation,
+                                allow_nonfinite=args.allow_nonfinite)
     model = core.build_model(ckpt)
     meta = {"source": src.name, "arch": ckpt.arch}
-    resnet_flax.save(model, out, extra_metadata=meta)
+    resnet_flax.save(model, out, extra_metadata=meta, exclusive=not args.overwrite)
     print(f"found {core.describe(ckpt.config)}, {ckpt.num_params / 1e6:.2f}M parameters, in {src}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     if args.verify:

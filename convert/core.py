@@ -76,9 +76,13 @@ def from_state_dict(sd: dict[str, Any], *, arch: str | None = None,
 
 
 def read_checkpoint(path: str | Path, *, arch: str | None = None,
-                    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> Checkpoint:
-    """Read a .pth/.pt (torch.save), TorchScript or .safetensors ResNet checkpoint and map it to Flax."""
-    return from_state_dict(read_torch_file(path), arch=arch, replace_stride_with_dilation=replace_stride_with_dilation)
+                    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
+                    allow_nonfinite: bool = False) -> Checkpoint:
+    """Read a .pth/.pt (torch.save), TorchScript or .safetensors ResNet checkpoint and map it to Flax.
+
+    No torch needed; NaN/inf tensors are refused unless ``allow_nonfinite``."""
+    return from_state_dict(read_torch_file(path, allow_nonfinite=allow_nonfinite), arch=arch,
+                           replace_stride_with_dilation=replace_stride_with_dilation)
 
 
 def build_model(ckpt: Checkpoint, dtype: Dtype = jnp.float32) -> ResNet:
@@ -168,9 +172,9 @@ def default_output(src: Path, to_flax: bool) -> Path:
     return src.with_name(name + ".pth")
 
 
-def save_torch(model: ResNet, path: str | Path) -> Path:
-    """Write ``model`` as a torchvision state dict with torch.save (atomically)."""
+def save_torch(model: ResNet, path: str | Path, *, exclusive: bool = False) -> Path:
+    """Write ``model`` as a torchvision state dict with torch.save (atomically; never replacing if ``exclusive``)."""
     import torch
 
     sd = to_torch_state_dict(model)
-    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    return atomic_write(path, lambda tmp: torch.save(sd, tmp), exclusive=exclusive)

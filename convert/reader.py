@@ -2,37 +2,52 @@
 
 from __future__ import annotations
 
-import pickle
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from convert import torchfile
 from resnet_flax.io import WeightsError, _first_line, is_converted_file
 
 # Keys under which training scripts commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
 
 
+TORCH_EXTRA = "pip install 'resnet-flax[torch]'"
+
+
+def require_torch(purpose: str):
+    """Import torch, or raise one line naming the ``[torch]`` extra (only --verify and writing .pth need it)."""
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{purpose} needs PyTorch, which is not installed; {TORCH_EXTRA}") from None
+    return torch
+
+
 def detect_format(path: Path) -> str:
     """'flax' (our converted file), 'safetensors', 'torchscript', 'torch' (zip or legacy pickle)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read it ({e.strerror}); check the path and its permissions") from None
     if not head:
         raise WeightsError(f"{path}: the file is empty; pass a PyTorch checkpoint (.pth, .pt, .safetensors)")
     if head[:2] == b"PK":
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except zipfile.BadZipFile:
+        except (zipfile.BadZipFile, OSError, EOFError):
             raise WeightsError(f"{path}: a damaged zip archive (truncated download?); "
                                "download or save the checkpoint again") from None
-        if any(n.endswith("constants.pkl") for n in names):
+        if any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in names):
             return "torchscript"
         return "torch"
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]"):
-        return "torch"  # legacy (non-zip) torch.save pickle
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]") or head[257:262] == b"ustar":
+        return "torch"  # legacy (non-zip) torch.save pickle, or the tar format of PyTorch < 0.4
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
         if 0 < n < (1 << 30):
@@ -41,10 +56,11 @@ def detect_format(path: Path) -> str:
                        "nor a .safetensors file)")
 
 
-def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
+def read_torch_file(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
     """The tensors of a torch.save file, a TorchScript archive or a .safetensors file, as float32 numpy.
 
-    Pickles are read with ``torch.load(weights_only=True)``: a file that would execute code is refused.
+    Needs no torch: pickles are read by :mod:`convert.torchfile`, which builds tensors and plain containers and
+    refuses anything else, so no file runs code. Non-finite tensors are refused unless ``allow_nonfinite``.
     """
     path = Path(path)
     if not path.is_file():
@@ -53,28 +69,37 @@ def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
     if fmt == "flax":
         raise WeightsError(f"{path}: already a converted resnet_flax file; load it with resnet_flax.load")
     if fmt == "safetensors":
-        return _read_safetensors(path)
-    import torch
-
-    if fmt == "torchscript":
+        sd = _read_safetensors(path)
+    else:
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as e:
-            raise WeightsError(f"{path}: cannot read the TorchScript archive ({_first_line(e)})") from None
-        return _to_numpy(module.state_dict(), path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e).lower() or "unsupported global" in str(e).lower():
+            obj = torchfile.load(path)
+        except torchfile.Refused as e:
             raise WeightsError(
-                f"{path}: refused: the pickle references Python objects that would run code on load "
-                "(only plain tensors are read, with torch.load(weights_only=True)); if you trust it, re-save "
-                "just its weights with torch.save(model.state_dict(), 'weights.pth')") from None
-        raise WeightsError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
-    except Exception as e:
-        raise WeightsError(f"{path}: truncated or corrupt checkpoint, or not a torch.save file "
-                           f"({_first_line(e)})") from None
-    return _to_numpy(_unwrap(obj, path), path)
+                f"{path}: refused: it references {e}, code that would run on load (only tensors, storages and "
+                "plain containers are read); if you trust it, re-save just its weights with "
+                "torch.save(model.state_dict(), 'weights.pth')") from None
+        except OSError as e:
+            raise WeightsError(f"{path}: cannot read it ({e.strerror or e}); check the file") from None
+        if fmt == "torchscript":
+            if not isinstance(obj, torchfile.ScriptObject):
+                raise WeightsError(f"{path}: a TorchScript archive without a module; save the model's "
+                                   "state_dict() with torch.save instead")
+            sd = torchfile.script_tensors(obj)
+        else:
+            sd = _unwrap(obj, path)
+    out = _to_float32(sd, path)
+    if not allow_nonfinite:
+        check_finite(out, path)
+    return out
+
+
+def check_finite(sd: dict[str, np.ndarray], source: object) -> None:
+    """Refuse NaN/inf weights: a model built from them outputs NaN, so converting them silently helps no one."""
+    for k, v in sd.items():
+        bad = int(v.size - np.count_nonzero(np.isfinite(v))) if v.dtype.kind == "f" else 0
+        if bad:
+            raise WeightsError(f"{source}: tensor {k!r} holds {bad} non-finite value(s) (NaN/inf); the "
+                               "checkpoint is broken (pass --allow-nonfinite to convert it anyway)")
 
 
 def _unwrap(obj, path: Path) -> dict:
@@ -82,7 +107,7 @@ def _unwrap(obj, path: Path) -> dict:
     for _ in range(3):
         if not isinstance(obj, dict):
             break
-        if obj and all(_is_tensor(v) for v in obj.values()):
+        if obj and all(isinstance(v, np.ndarray) for v in obj.values()):
             return obj
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -93,19 +118,16 @@ def _unwrap(obj, path: Path) -> dict:
                        "save one with torch.save(model.state_dict(), path)")
 
 
-def _is_tensor(v) -> bool:
-    import torch
-
-    return isinstance(v, torch.Tensor)
-
-
-def _to_numpy(sd, path: Path) -> dict[str, np.ndarray]:
+def _to_float32(sd: dict, path: Path) -> dict[str, np.ndarray]:
     out = {}
     for k, v in sd.items():
-        if not _is_tensor(v):
+        if not isinstance(k, str):
+            raise WeightsError(f"{path}: a state dict key {k!r} that is not a string")
+        if not isinstance(v, np.ndarray):
             raise WeightsError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        v = v.detach().cpu()
-        out[k] = v.numpy() if k.endswith("num_batches_tracked") else v.float().numpy()
+        if v.dtype.kind == "c":
+            raise WeightsError(f"{path}: entry {k!r} is complex; a ResNet's weights are real")
+        out[k] = np.array(v) if k.endswith("num_batches_tracked") else v.astype(np.float32)
     return out
 
 
@@ -114,14 +136,14 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
     try:
         try:
-            import torch  # noqa: F401 - reads bf16/fp16 files that numpy cannot hold
+            import torch  # noqa: F401 - reads bf16 files that safetensors' numpy reader refuses
             framework = "pt"
         except ImportError:
             framework = "numpy"
         with safe_open(str(path), framework=framework) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise WeightsError(f"{path}: truncated or corrupt .safetensors file ({_first_line(e)})") from None
     if framework == "pt":
-        return _to_numpy(tensors, path)
-    return {k: (v if k.endswith("num_batches_tracked") else v.astype(np.float32)) for k, v in tensors.items()}
+        return {k: v.numpy() if k.endswith("num_batches_tracked") else v.float().numpy() for k, v in tensors.items()}
+    return tensors

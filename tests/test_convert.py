@@ -247,3 +247,173 @@ def test_converted_file_truncated(tmp_path, r18):
 def test_inference_shapes_arrays(r18):
     model = convert.build_model(convert.from_state_dict(r18.state_dict()))
     assert np.asarray(model(np.zeros((3, 32, 32, 3), np.float32))).shape == (3, 7)
+
+
+# --- outputs: exclusive, umask mode, no leftovers, one line on write errors ----------------------
+
+def temporaries(d: Path) -> list[str]:
+    return [p.name for p in d.iterdir() if resnet_flax.io.TMP_MARK in p.name]
+
+
+def test_two_conversions_to_one_out_exactly_one_wins(tmp_path, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    out = tmp_path / "o.flax.safetensors"
+    cmd = [sys.executable, "-m", "convert", str(tmp_path / "a.pth"), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = sorted((p.wait(), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results
+    loser = results[1][1].strip().splitlines()
+    assert len(loser) == 1 and "exists" in loser[0] and "--overwrite" in loser[0]
+    assert resnet_flax.load(out).config.num_classes == 7
+    assert temporaries(tmp_path) == []
+
+
+def test_exclusive_write_never_replaces_a_file_that_appears_meanwhile(tmp_path):
+    out = tmp_path / "o.bin"
+
+    def write(tmp):  # another process creates OUT while this one is writing
+        Path(tmp).write_bytes(b"mine")
+        out.write_bytes(b"theirs")
+
+    with pytest.raises(resnet_flax.WeightsError, match="exists"):
+        resnet_flax.io.atomic_write(out, write, exclusive=True)
+    assert out.read_bytes() == b"theirs" and temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_get_the_umask_mode(tmp_path, capsys, r18, umask):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    old = os.umask(umask)
+    try:
+        assert run_cli(capsys, tmp_path / "a.pth")[0] == 0
+        resnet_flax.io.atomic_write(tmp_path / "run.json", lambda tmp: Path(tmp).write_text("{}"))  # train's path
+    finally:
+        os.umask(old)
+    for name in ("a.flax.safetensors", "run.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_nonfinite_weights_refused_unless_allowed(tmp_path, capsys, r18):
+    sd = {k: v.clone() for k, v in r18.state_dict().items()}
+    sd["layer2.1.bn1.running_var"][3] = float("nan")
+    sd["fc.weight"][0, 0] = float("inf")
+    torch.save(sd, tmp_path / "nan.pth")
+    code, _, err = run_cli(capsys, tmp_path / "nan.pth")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "non-finite" in err and "layer2.1.bn1.running_var" in err and "--allow-nonfinite" in err
+    assert not (tmp_path / "nan.flax.safetensors").exists()
+    assert run_cli(capsys, tmp_path / "nan.pth", "--allow-nonfinite")[0] == 0
+
+
+def _fail_writes(monkeypatch, err: int, where: Path, after_bytes: bool):
+    """Make file creation (EACCES/EROFS) or the data write (ENOSPC, after some bytes) fail inside ``where``."""
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if not after_bytes and Path(path).parent == where and flags & os.O_CREAT:
+            raise OSError(err, os.strerror(err), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_save(arrays, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 4096)
+        raise OSError(err, os.strerror(err), filename)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    if after_bytes:
+        monkeypatch.setattr(resnet_flax.io, "save_file", fake_save)
+
+
+@pytest.mark.parametrize("err,after_bytes", [(28, True), (13, False), (30, False)],
+                         ids=["disk_full", "permission", "read_only_fs"])
+def test_write_errors_one_line(tmp_path, capsys, r18, monkeypatch, err, after_bytes):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    _fail_writes(monkeypatch, err, outdir, after_bytes)
+    code, _, stderr = run_cli(capsys, tmp_path / "a.pth", "--out", outdir / "a.flax.safetensors")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and os.strerror(err) in lines[0], stderr
+    assert list(outdir.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_real_read_only_folder_and_unreadable_source(tmp_path, capsys, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    code, _, err = run_cli(capsys, tmp_path / "a.pth", "--out", ro / "a.flax.safetensors")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err
+    (tmp_path / "a.pth").chmod(0)
+    code, _, err = run_cli(capsys, tmp_path / "a.pth")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err
+
+
+def test_unreadable_source_one_line(tmp_path, capsys, r18, monkeypatch):
+    import convert.reader
+
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(convert.reader, "open", denied, raising=False)
+    code, _, err = run_cli(capsys, tmp_path / "a.pth")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err and "Permission denied" in err
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, tmp_path)  # a folder given as the source
+    assert code == 2 and "a folder, not a file" in err
+
+
+SLOW_CONVERT = """
+import sys, time
+from pathlib import Path
+import resnet_flax.io
+def slow(arrays, filename, metadata=None):
+    Path(filename).write_bytes(b"\\0" * 1_000_000)
+    print("WRITING", flush=True)
+    time.sleep(60)
+resnet_flax.io.save_file = slow
+from convert.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killed_mid_write_leaves_no_temporary(tmp_path, capsys, r18, sig):
+    import signal
+
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(tmp_path / "a.pth")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "WRITING"
+    assert len(temporaries(tmp_path)) == 1  # named .a.flax.safetensors.partial-PID-RANDOM
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=30)
+    assert not (tmp_path / "a.flax.safetensors").exists()
+    if sig == "SIGTERM":  # cleaned up on the way out
+        assert temporaries(tmp_path) == []
+    else:  # nothing runs on SIGKILL: the next write to that output removes the dead process's temporary
+        assert len(temporaries(tmp_path)) == 1
+    assert run_cli(capsys, tmp_path / "a.pth")[0] == 0
+    assert temporaries(tmp_path) == []
+
+
+def test_cli_flag_errors_one_line(tmp_path, r18):
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    (tmp_path / "f").write_text("a file")
+    cases = {
+        "bad_arch": ["--arch", "resnet19"],
+        "bad_dilation": ["--dilation", "1,1"],
+        "bad_verify_size": ["--verify", "--verify-size", "0"],
+        "out_under_a_file": ["--out", str(tmp_path / "f" / "x.flax.safetensors")],
+        "out_is_a_folder": ["--out", str(tmp_path), "--overwrite"],
+        "unknown_flag": ["--frobnicate"],
+    }
+    for name, args in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "a.pth"), *args], capture_output=True,
+                              text=True, cwd=REPO)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, proc.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "f"]
