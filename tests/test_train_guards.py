@@ -1,0 +1,95 @@
+"""Training refuses or survives what would lose a run or train on something other than the user sees: NaN
+stops, image folders with links/nesting/empty classes, two runs on one workdir, changed flags on resume, bad
+values, full disks, hostile images and checkpoints given to predict."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import data
+from train.data import DataError
+
+CLASSES = ("red", "green", "blue")
+
+
+def write_folder(root: Path, per_class: int = 4, classes=CLASSES, size=(20, 16)) -> Path:
+    """Small colour-coded JPEGs, ``per_class`` per class folder."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
+            img[..., c % 3] += 150
+            Image.fromarray(img).save(root / name / f"{i}.jpg")
+    return root
+
+
+def labelled(splits: data.Splits) -> list[tuple[str, str]]:
+    """(class folder the file really sits in, class name it is labelled with) for every example."""
+    out = []
+    for src in (splits.train, splits.val):
+        for i in range(len(src)):
+            rec = src[i]
+            out.append((Path(os.path.realpath(rec["image"])).parent.name, splits.class_names[rec["label"]]))
+    return out
+
+
+def one_line_data_error(root: Path, match: str) -> str:
+    with pytest.raises(DataError) as info:
+        data.load_splits(data_dir=root)
+    msg = str(info.value)
+    assert "\n" not in msg and match in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------ image folders
+
+
+def test_symlink_loops_and_repeats_read_each_image_once_with_its_own_label(tmp_path, caplog):
+    root = write_folder(tmp_path / "data")
+    (root / "red" / "loop").symlink_to(root)  # the loop that turned 24 images into 788
+    (root / "green" / "self").symlink_to(root / "green")
+    (root / "blue" / "again.jpg").symlink_to(root / "blue" / "0.jpg")
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        splits = data.load_splits(data_dir=root)
+    pairs = labelled(splits)
+    assert len(pairs) == 12 and all(real == label for real, label in pairs), pairs
+    warned = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
+    assert len(warned) == 3 and all("\n" not in w for w in warned)
+
+
+def test_links_that_would_mislabel_are_refused(tmp_path):
+    root = write_folder(tmp_path / "data")
+    (root / "red" / "more").symlink_to(root / "green")
+    one_line_data_error(root, "would be labelled red")
+    (root / "red" / "more").unlink()
+    (root / "red" / "g.jpg").symlink_to(root / "green" / "1.jpg")
+    one_line_data_error(root, "would be labelled red")
+    (root / "red" / "g.jpg").unlink()
+    (root / "teal").symlink_to(root / "green")  # a class folder that is another class under a second name
+    one_line_data_error(root, "both class green and class teal")
+
+
+def test_folder_of_class_folders_one_level_down_names_it(tmp_path):
+    root = tmp_path / "download"
+    write_folder(root / "flower_photos")
+    msg = one_line_data_error(root, "pass --data-dir")
+    assert msg.endswith(f"pass --data-dir {root / 'flower_photos'}")
+
+
+def test_single_class_and_empty_class_folders_refused(tmp_path):
+    one_line_data_error(write_folder(tmp_path / "one", classes=("cats",)), "at least two classes")
+    root = write_folder(tmp_path / "three")
+    (root / "empty").mkdir()
+    (root / "empty" / ".DS_Store").write_text("x")
+    one_line_data_error(root, "empty")
+    pre = tmp_path / "pre"
+    write_folder(pre / "train")
+    write_folder(pre / "val", classes=("red", "green"))  # no blue in val: still trains, with a warning
+    assert data.load_splits(data_dir=pre).class_names == sorted(CLASSES)
