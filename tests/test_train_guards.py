@@ -93,3 +93,48 @@ def test_single_class_and_empty_class_folders_refused(tmp_path):
     write_folder(pre / "train")
     write_folder(pre / "val", classes=("red", "green"))  # no blue in val: still trains, with a warning
     assert data.load_splits(data_dir=pre).class_names == sorted(CLASSES)
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+def bomb_png(path: Path, side: int = 40_000) -> Path:
+    """A ~100-byte PNG declaring side x side pixels (4.8 GB decoded): a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def predict_cli(capsys, *args) -> tuple[int, str, list[str]]:
+    from train.predict import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_predict_refuses_bombs_broken_images_and_nonfinite_outputs(tmp_path, capsys):
+    import resnet_flax
+
+    model = resnet_flax.create_model("resnet18", num_classes=3)
+    resnet_flax.save(model, tmp_path / "ok.flax.safetensors")
+    photo = write_folder(tmp_path / "imgs", per_class=1) / "red" / "0.jpg"
+    code, out, _ = predict_cli(capsys, photo, "--checkpoint", tmp_path / "ok.flax.safetensors", "--image-size", 32)
+    assert code == 0 and "%" in out
+    for bad, why in [(bomb_png(tmp_path / "bomb.png"), "too large"),
+                     (tmp_path / "broken.jpg", "cannot read the image")]:
+        if not bad.exists():
+            bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+        code, out, err = predict_cli(capsys, bad, "--checkpoint", tmp_path / "ok.flax.safetensors")
+        assert code == 2 and len(err) == 1 and why in err[0] and out == "", err
+    model.fc.bias[...] = model.fc.bias[...].at[0].set(float("inf"))  # converted files may hold inf
+    resnet_flax.save(model, tmp_path / "inf.flax.safetensors")
+    code, out, err = predict_cli(capsys, photo, "--checkpoint", tmp_path / "inf.flax.safetensors", "--image-size", 32)
+    assert code == 2 and len(err) == 1 and "not finite" in err[0] and "nan" not in out, (out, err)
