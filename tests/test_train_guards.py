@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,21 @@ import pytest
 from PIL import Image
 
 from train import data
+from train.__main__ import main as train_main
 from train.data import DataError
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
+SMALL = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--num-workers", "0", "--no-progress",
+         "--optimizer", "adamw", "--lr", "1e-3", "--lr-scaling", "none", "--warmup-steps", "0", "--weight-decay", "0",
+         "--label-smoothing", "0"]
+
+
+def train_cli(capsys, *args) -> tuple[int, str, list[str]]:
+    """``python -m train ARGS`` in this process: (exit code, stdout, stderr lines that are not warnings)."""
+    code = train_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, [line for line in err.strip().splitlines() if line.startswith("error")]
 
 
 def write_folder(root: Path, per_class: int = 4, classes=CLASSES, size=(20, 16)) -> Path:
@@ -138,3 +152,58 @@ def test_predict_refuses_bombs_broken_images_and_nonfinite_outputs(tmp_path, cap
     resnet_flax.save(model, tmp_path / "inf.flax.safetensors")
     code, out, err = predict_cli(capsys, photo, "--checkpoint", tmp_path / "inf.flax.safetensors", "--image-size", 32)
     assert code == 2 and len(err) == 1 and "not finite" in err[0] and "nan" not in out, (out, err)
+
+
+# ------------------------------------------------------------------------------------------------ workdir
+
+
+HOLD_LOCK = """
+import sys, time
+from train.lock import workdir_lock
+with workdir_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_run_per_workdir_and_the_lock_dies_with_its_holder(tmp_path, capsys):
+    from train.lock import workdir_lock
+
+    wd = tmp_path / "wd"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(wd)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = train_cli(capsys, *SMALL, "--dataset", "synthetic", "--max-steps", "1", "--workdir", wd)
+        assert code == 2 and len(err) == 1 and f"in use by another run (pid {holder.pid})" in err[0], err
+        assert [p.name for p in wd.iterdir()] == [".lock"]  # nothing written by the refused run
+    finally:
+        holder.kill()  # SIGKILL: no cleanup code runs; the kernel drops the lock
+        holder.wait()
+    with workdir_lock(wd):
+        pass
+
+
+def _read_only_dir(path: Path) -> Path:
+    """A folder this process cannot write into: a read-only tmpfs as root, else mode 0555."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return path
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("root without permission to mount a read-only folder")
+    return path
+
+
+def test_unusable_workdir_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for wd, why in [(tmp_path / "file", "cannot use --workdir"), (tmp_path / "file" / "sub", "cannot use --workdir")]:
+        code, _, err = train_cli(capsys, *SMALL, "--dataset", "synthetic", "--max-steps", "1", "--workdir", wd)
+        assert code == 2 and len(err) == 1 and why in err[0], err
+    ro = _read_only_dir(tmp_path / "ro")
+    try:
+        code, _, err = train_cli(capsys, *SMALL, "--dataset", "synthetic", "--max-steps", "1", "--workdir", ro / "wd")
+        assert code == 2 and len(err) == 1 and "cannot use --workdir" in err[0], err
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(ro)], check=True)
