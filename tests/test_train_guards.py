@@ -4,6 +4,8 @@ values, full disks, hostile images and checkpoints given to predict."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import subprocess
@@ -207,3 +209,166 @@ def test_unusable_workdir_one_line(tmp_path, capsys):
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(ro)], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ NaN stops
+
+
+def kept_steps(wd: Path) -> list[int]:
+    return sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def restored_params(wd: Path, step: int) -> list[np.ndarray]:
+    """Every parameter and BatchNorm statistic of checkpoint ``step``, read without any finiteness check."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(wd / "checkpoints") as m:
+        state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return [np.asarray(x) for x in __import__("jax").tree.leaves([state["params"], state["batch_stats"]])]
+
+
+@pytest.fixture(scope="module")
+def nan_workdir(tmp_path_factory):
+    """A run whose update at step 5 makes the weights infinite while the loss it reports is still finite (the
+    learning rate becomes inf there): the finiteness check must look at the state, not the loss."""
+    import jax.numpy as jnp
+    import optax
+
+    tmp = tmp_path_factory.mktemp("nan")
+    folder = write_folder(tmp / "data", per_class=6)
+    real = optax.warmup_cosine_decay_schedule
+
+    def blows_up_at_step_5(*args, **kwargs):
+        sched = real(*args, **kwargs)
+        return lambda count: jnp.where(count >= 4, jnp.inf, sched(count))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(optax, "warmup_cosine_decay_schedule", blows_up_at_step_5)
+    wd, stderr = tmp / "wd", io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            code = train_main([*SMALL, "--data-dir", str(folder), "--max-steps", "9", "--checkpoint-every", "1",
+                               "--keep-checkpoints", "2", "--log-every", "1", "--workdir", str(wd)])
+    finally:
+        mp.undo()
+    return code, wd, folder, [line for line in stderr.getvalue().splitlines() if line.startswith("error")]
+
+
+def test_nan_stop_keeps_only_good_checkpoints_and_predict_uses_them(nan_workdir, capsys):
+    code, wd, folder, err = nan_workdir
+    assert code == 1 and len(err) == 1 and "step 5" in err[0] and "step 4" in err[0], err
+    assert kept_steps(wd) == [3, 4]  # the last 2 good ones (3 is also the best); 5 was never written
+    for step in kept_steps(wd):
+        assert all(np.all(np.isfinite(a)) for a in restored_params(wd, step)), step
+    assert not list((wd / "checkpoints").glob("*tmp*"))
+    code, out, err = predict_cli(capsys, folder / "red" / "0.jpg", "--checkpoint", wd)
+    assert code == 0 and "nan%" not in out and "%" in out, err
+
+
+def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsys, tmp_path):
+    import shutil
+
+    _, wd, folder, _ = nan_workdir
+    photo = folder / "red" / "0.jpg"
+    bad = tmp_path / "bad"
+    shutil.copytree(wd, bad)
+    for f in (bad / "checkpoints").rglob("*"):  # every stored array replaced by garbage of the same size
+        if f.is_file() and "ocdbt" in str(f) and f.stat().st_size > 1000:
+            f.write_bytes(os.urandom(f.stat().st_size))
+    code, out, err = predict_cli(capsys, photo, "--checkpoint", bad)
+    assert code == 2 and len(err) == 1 and "cannot be read" in err[0] and out == "", err
+    code, _, err = train_cli(capsys, *SMALL, "--data-dir", folder, "--max-steps", "9", "--workdir", bad)
+    assert code == 2 and len(err) == 1 and "cannot be read" in err[0], err
+    (bad / "run.json").write_text('{"model": ')  # truncated
+    code, out, err = predict_cli(capsys, photo, "--checkpoint", bad)
+    assert code == 2 and len(err) == 1 and "run.json" in err[0], err
+
+
+def test_nonfinite_validation_loss_stops_without_saving(tmp_path, capsys):
+    # AdamW moves every weight by about lr in its first step: 1e37 keeps the weights finite (checked in the
+    # step) but makes every activation overflow, so the final evaluation's loss is NaN.
+    folder = write_folder(tmp_path / "data", per_class=6)
+    args = [a if a != "1e-3" else "1e37" for a in SMALL]
+    code, _, err = train_cli(capsys, *args, "--data-dir", folder, "--max-steps", "1", "--workdir", tmp_path / "wd")
+    assert code == 1 and len(err) == 1 and "validation loss" in err[0], err
+    assert kept_steps(tmp_path / "wd") == []
+
+
+# ------------------------------------------------------------------------------------------------ resume rules
+
+
+def test_changed_flags_refused_unless_allowed_and_outputs_get_the_umask_mode(tmp_path, capsys):
+    folder = write_folder(tmp_path / "data", per_class=6)
+    wd = tmp_path / "wd"
+    old = os.umask(0o027)
+    try:
+        code, out, err = train_cli(capsys, *SMALL, "--data-dir", folder, "--max-steps", "1", "--workdir", wd)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert "3 classes: blue, green, red" in out
+    for name in ("run.json", "curves.png", "metrics.jsonl"):
+        assert (wd / name).stat().st_mode & 0o777 == 0o640, name
+    before = (wd / "run.json").read_bytes()
+    changed = ["--lr", "2e-3", "--label-smoothing", "0.1", "--weight-decay", "0.01"]
+    code, _, err = train_cli(capsys, *SMALL, *changed, "--data-dir", folder, "--max-steps", "2", "--workdir", wd)
+    assert code == 2 and len(err) == 1, err
+    for flag in ("--lr 0.001 -> 0.002", "--label-smoothing 0.0 -> 0.1", "--weight-decay 0.0 -> 0.01",
+                 "--allow-changed-flags"):
+        assert flag in err[0], err
+    assert (wd / "run.json").read_bytes() == before and kept_steps(wd) == [1]
+    code, _, err = train_cli(capsys, *SMALL, "--optimizer", "sgd", "--allow-changed-flags", "--data-dir", folder,
+                             "--max-steps", "2", "--workdir", wd)
+    assert code == 2 and len(err) == 1 and "--optimizer" in err[0] and "cannot change" in err[0], err
+    code, out, err = train_cli(capsys, *SMALL, *changed, "--allow-changed-flags", "--data-dir", folder,
+                               "--max-steps", "2", "--workdir", wd)
+    assert code == 0 and "--lr 0.001 -> 0.002" in out, err
+    assert kept_steps(wd)[-1] == 2 and '"lr": 0.002' in (wd / "run.json").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ bad values
+
+
+@pytest.mark.parametrize("args,why", [
+    (["--lr", "0"], "--lr"), (["--lr", "-1e-3"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--epochs", "-1"], "--epochs"), (["--batch-size", "-8"], "--batch-size"),
+    (["--weight-decay", "-0.1"], "--weight-decay"), (["--momentum", "1.5"], "--momentum"),
+    (["--warmup-steps", "-1"], "--warmup-steps"), (["--val-fraction", "1"], "--val-fraction"),
+    (["--num-workers", "-2"], "--num-workers"), (["--image-size", "0"], "--image-size"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"), (["--arch", "resnet19"], "resnet18"),
+])
+def test_nonsense_values_one_line(args, why, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main([*SMALL, "--dataset", "synthetic", *args, "--workdir", str(tmp_path / "wd")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and why in err[0], err
+    assert not (tmp_path / "wd").exists()
+
+
+def test_default_batch_larger_than_the_folder_one_line(tmp_path, capsys):
+    folder = write_folder(tmp_path / "data", per_class=6)
+    args = [a for a in SMALL if a not in ("--batch-size", "4")]
+    code, _, err = train_cli(capsys, *args, "--data-dir", folder, "--workdir", tmp_path / "wd")
+    assert code == 2 and len(err) == 1 and "--batch-size" in err[0] and "15" in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+
+
+def test_full_disk_while_checkpointing_one_line_and_the_earlier_checkpoint_survives(tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # A resnet18 + AdamW checkpoint takes 70 MB here (measured): the first fits, the second cannot.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=110m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("root without permission to mount a tmpfs")
+    try:
+        folder = write_folder(tmp_path / "data", per_class=6)
+        code, _, err = train_cli(capsys, *SMALL, "--data-dir", folder, "--max-steps", "4", "--checkpoint-every", "1",
+                                 "--workdir", disk / "wd")
+        assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+        assert kept_steps(disk / "wd") == [1] and not list((disk / "wd" / "checkpoints").glob("*tmp*"))
+        assert all(np.all(np.isfinite(a)) for a in restored_params(disk / "wd", 1))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

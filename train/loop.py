@@ -152,6 +152,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {jax.device_count()} devices; "
                        f"use a multiple of {jax.device_count()}")
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
+    if spe == 0 and not cfg.eval_only:
+        fits = len(splits.train) // jax.device_count() * jax.device_count()
+        fix = f"pass --batch-size {fits} or less" if fits else "add training images"
+        raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images; {fix}")
     total_steps = cfg.max_steps or cfg.epochs * spe
     peak_lr = scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr
     ocfg = OptimConfig(cfg.optimizer, peak_lr, cfg.warmup_steps, total_steps, cfg.weight_decay, cfg.momentum,
@@ -188,7 +192,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         write_run_file(cfg, model_config, splits.class_names)
         metrics.truncate_after(int(meta["step"]))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
-            f"{len(splits.train)} images ({splits.num_classes} classes), validating on {len(splits.val)}; "
+            f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "
             f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch {cfg.batch_size}, "
             f"{spe} steps/epoch, {total_steps} steps, peak lr {peak_lr:g}")
         return train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe, total_steps,
@@ -199,7 +203,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             ckpts.wait()
             ckpts.close()
         if jax.process_index() == 0 and not cfg.eval_only:
-            plot_curves(cfg.workdir / "metrics.jsonl", cfg.workdir / "curves.png")
+            try:
+                plot_curves(cfg.workdir / "metrics.jsonl", cfg.workdir / "curves.png")
+            except OSError as e:  # a full or read-only disk: the run's own outcome is what gets reported
+                print(f"warning: cannot write {cfg.workdir / 'curves.png'} ({e.strerror or e})", file=sys.stderr)
 
 
 def format_eval(r: dict[str, float]) -> str:
@@ -227,12 +234,8 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
             return
         host = jax.device_get(pending)
         pending = []
+        check_finite(host, step, ckpts)
         loss = float(np.mean([m["train_loss"] for m in host]))
-        if not math.isfinite(loss):
-            last = ckpts.latest_step()
-            raise NonFiniteLoss(f"the training loss became {loss} by step {step}; stopped without saving. "
-                                f"The last good checkpoint (step {last}) is kept in {ckpts.directory}; "
-                                "lower --lr or raise --warmup-steps, then rerun to resume from it")
         now = time.perf_counter()
         ips = (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
         t_last, step_last = now, step
@@ -259,7 +262,7 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
             if step % cfg.log_every == 0:
                 flush_metrics(epoch)
             if step % cfg.checkpoint_every == 0 and batch_idx < spe and step < total_steps:
-                flush_metrics(epoch)  # never checkpoint a state whose loss went non-finite
+                flush_metrics(epoch)  # checks the state about to be saved: never save a non-finite one
                 ckpts.save(step, state, position(epoch, batch_idx))
             if step >= total_steps:
                 break
@@ -271,6 +274,7 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
             start_batch = batch_idx
         if (start_batch == 0 and epoch % cfg.eval_every_epochs == 0) or done:
             last_eval = evaluate(eval_fn, state, splits, cfg, batch_sharding)
+            check_finite_eval(last_eval, step, ckpts)
             if last_eval:
                 metrics.write({"step": step, "epoch": epoch + (start_batch > 0), **last_eval})
                 log(f"epoch {epoch + (start_batch > 0)}/{num_epochs} step {step}: {format_eval(last_eval)}")
@@ -283,6 +287,40 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
     best = ckpts.best_step()
     log(f"done: {step} steps; checkpoints in {ckpts.directory}" + (f" (best: step {best})" if best else ""))
     return last_eval
+
+
+def check_finite(host_metrics: list[dict[str, Any]], step: int, ckpts: Checkpoints) -> None:
+    """Stop once a step's loss or the state it produced (weights, BN statistics) is NaN or infinite."""
+    first = step - len(host_metrics) + 1
+    for i, m in enumerate(host_metrics):
+        if not bool(m["state_finite"]) or not math.isfinite(float(m["train_loss"])):
+            what = "loss" if not math.isfinite(float(m["train_loss"])) else "weights"
+            raise NonFiniteLoss(f"the training {what} became non-finite (NaN/inf) at step {first + i}; stopped "
+                                f"without saving it. {_kept(ckpts)}; lower --lr or raise --warmup-steps, then "
+                                "rerun to resume from it")
+
+
+def check_finite_eval(result: dict[str, float], step: int, ckpts: Checkpoints) -> None:
+    """Stop, without saving, when the validation loss of the state at ``step`` is NaN or infinite."""
+    if result and not math.isfinite(result["val_loss"]):
+        raise NonFiniteLoss(f"the validation loss became {result['val_loss']} at step {step} (the weights "
+                            f"overflow); stopped without saving them. {_kept(ckpts)}; lower --lr or raise "
+                            "--warmup-steps, then rerun to resume from it")
+
+
+def _kept(ckpts: Checkpoints) -> str:
+    ckpts.wait()
+    last = ckpts.latest_step()
+    if last is None:
+        return "No checkpoint was saved before"
+    return f"The last good checkpoint (step {last}) is kept in {ckpts.directory}"
+
+
+def describe_classes(names: list[str], limit: int = 20) -> str:
+    """``3 classes: a, b, c`` (the first ``limit`` names; run.json holds all)."""
+    shown = ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more in {RUN_FILE})" if len(names) > limit
+                                        else "")
+    return f"{len(names)} classes: {shown}"
 
 
 def _progress(cfg: TrainConfig, total: int, initial: int):

@@ -96,12 +96,18 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def all_finite(*trees: Any) -> jax.Array:
+    """True when every element of every array in ``trees`` is finite (one fused reduction under ``jit``)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
                state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
 
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
-    batch. Masked-out examples (unreadable images) are excluded from the loss.
+    batch. Masked-out examples (unreadable images) are excluded from the loss. ``state_finite`` checks the
+    state this step returns (the one a checkpoint would save), not just the loss computed before the update.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
 
@@ -119,6 +125,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
         "train_top1": _masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), batch["mask"]),
         "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(cfg)(state.step),
+        "state_finite": all_finite(params, batch_stats),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
