@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from train.steps import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS
+from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS
 
 Mode = Literal["infer", "train"]
 Framework = Literal["flax", "torch"]
@@ -15,7 +15,7 @@ Framework = Literal["flax", "torch"]
 # convolutions are very slow (a 1x1 conv's weight gradient took 45-80x PyTorch's time here) and its forward
 # ones slower than XLA's Eigen path, which is close to PyTorch's oneDNN (see README.md). Keeping only
 # reductions in YNNPACK gives Eigen convolutions and YNNPACK's faster BatchNorm reductions (training).
-YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps uses on CPU
+YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps compiles with on CPU
 # Nothing in YNNPACK: Eigen convolutions and XLA's own reduction loops.
 YNN_OFF: dict[str, Any] = CPU_EVAL_OPTIONS
 FAST_MATH: dict[str, Any] = {"xla_cpu_enable_fast_math": True}

@@ -1,5 +1,6 @@
 """torchvision's ResNet family as Flax NNX modules; imports no torch."""
 
+from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError, flat_state, load, load_flat_state, save
 from resnet_flax.layers import BatchNorm
 from resnet_flax.model import (
@@ -36,6 +37,7 @@ __all__ = [
     "arch_name",
     "create_model",
     "flat_state",
+    "inference_fn",
     "list_models",
     "load",
     "load_flat_state",

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import resnet_flax
-from resnet_flax.fuse import CPU_COMPILER_OPTIONS, fold_batchnorm
+from resnet_flax.conv import CPU_EVAL_OPTIONS
+from resnet_flax.fuse import fold_batchnorm
 from resnet_flax.io import abstract_model, load_flat_state
 
 
@@ -100,5 +101,5 @@ def test_cpu_compiler_options_compile_and_keep_the_logits():
     model = random_model(resnet_flax.arch_config("resnet18", num_classes=10), seed=6)
     x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 64, 64, 3)), jnp.float32)
     apply_fn, params = fold_batchnorm(model)
-    got = jax.jit(apply_fn, compiler_options=CPU_COMPILER_OPTIONS)(params, x)
+    got = jax.jit(apply_fn, compiler_options=CPU_EVAL_OPTIONS)(params, x)
     assert rel_err(got, eval_logits(model, x)) < 1e-5
