@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError
 from resnet_flax.model import ResNet, ResNetConfig
 
@@ -67,7 +68,7 @@ def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
             batch.append(eval_transform(load_image(path), image_size))
         except (OSError, ValueError) as e:
             raise WeightsError(f"{path}: cannot read the image ({e}); pass a JPEG/PNG file") from None
-    logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(np.stack(batch)))
+    logits = inference_fn(model)(jnp.asarray(np.stack(batch)))
     return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
