@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import jax
 import pytest
-from flax import nnx
 
-import resnet_flax
 from resnet_flax import weights as W
-from resnet_flax.io import abstract_model
 
 
 def test_registry_matches_torchvision_enums():
@@ -28,9 +24,6 @@ def test_registry_matches_torchvision_enums():
             assert ([t.crop_size], [t.resize_size], list(t.mean), list(t.std), t.interpolation, t.antialias) == (
                 rt.crop_size, rt.resize_size, rt.mean, rt.std, rt.interpolation.value, rt.antialias)
             assert ref.url.split("/")[-1].split("-")[1].startswith(ours.value.hash_prefix)
-        model = abstract_model(resnet_flax.arch_config(arch))  # our parameter count (shapes only) agrees
-        params = nnx.state(model, nnx.Param)
-        assert sum(v.size for v in jax.tree.leaves(params)) == ours_enum.DEFAULT.meta["num_params"]
 
 
 @pytest.mark.parametrize("spec", ["IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V2", "DEFAULT",
