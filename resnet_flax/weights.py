@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,53 @@ def get_weights(arch: str, weights: str | WeightsEnum | Weights | bool) -> Weigh
     if w.arch != arch:
         raise ValueError(f"weights {w.arch}/{w.name} are for {w.arch}, not {arch}")
     return w
+
+
+@dataclasses.dataclass
+class WeightsInfo:
+    """What a converted file records about its weights besides the tensors (any field may be unknown)."""
+
+    class_names: list[str] | None = None
+    transform: EvalTransform | None = None
+    source: str | None = None   # URL, hub name or path it was converted from
+    sha256: str | None = None   # of the source file
+    weights: str | None = None  # e.g. "ResNet50_Weights.IMAGENET1K_V2"
+    weights_set: str | None = None  # "ema" or "model" for checkpoints that hold both
+
+    def to_metadata(self) -> dict[str, str]:
+        """Safetensors header entries (strings only; lists and the transform as JSON)."""
+        out = {k: v for k in ("source", "sha256", "weights", "weights_set") if (v := getattr(self, k)) is not None}
+        if self.class_names is not None:
+            out["class_names"] = json.dumps(list(self.class_names))
+        if self.transform is not None:
+            out["eval_transform"] = json.dumps(dataclasses.asdict(self.transform))
+        return out
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> WeightsInfo:
+        """The inverse of :meth:`to_metadata`; entries that do not parse are treated as unknown."""
+        info = cls(**{k: meta[k] for k in ("source", "sha256", "weights", "weights_set") if k in meta})
+        try:
+            names = json.loads(meta["class_names"])
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                info.class_names = names
+        except (KeyError, ValueError):
+            pass
+        try:
+            t = json.loads(meta["eval_transform"])
+            info.transform = EvalTransform(**{**t, "mean": tuple(t["mean"]), "std": tuple(t["std"])})
+        except (KeyError, ValueError, TypeError):
+            pass
+        return info
+
+    def eval_settings(self, num_classes: int) -> tuple[list[str], EvalTransform]:
+        """Class names and evaluation transform to use: the recorded ones, else ImageNet's for 1000 classes,
+        ``class i`` names and torchvision's 256/224 transform otherwise."""
+        names = self.class_names if self.class_names and len(self.class_names) == num_classes else (
+            list(imagenet_categories()) if num_classes == 1000 else [f"class {i}" for i in range(num_classes)])
+        return names, self.transform or EvalTransform()
+
+
+def weights_info(w: Weights, sha256: str | None = None) -> WeightsInfo:
+    """The :class:`WeightsInfo` a registry entry gives its converted file."""
+    return WeightsInfo(list(w.categories), w.transforms, w.url, sha256, f"{ENUM_NAMES[w.arch]}.{w.name}")
