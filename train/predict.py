@@ -15,12 +15,7 @@ from flax import nnx
 from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError
 from resnet_flax.model import ResNet, ResNetConfig
-
-IMAGENET_CLASSES = Path(__file__).with_name("imagenet_classes.txt")
-
-
-def imagenet_class_names() -> list[str]:
-    return IMAGENET_CLASSES.read_text().splitlines()
+from resnet_flax.weights import imagenet_categories
 
 
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
@@ -54,7 +49,7 @@ def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
 
     model = convert.load_model(checkpoint)
     n = model.config.num_classes
-    names = imagenet_class_names() if n == 1000 else [f"class {i}" for i in range(n)]
+    names = list(imagenet_categories()) if n == 1000 else [f"class {i}" for i in range(n)]
     return model, names, 224
 
 
