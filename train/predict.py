@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError
@@ -24,9 +25,17 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     from train.loop import RUN_FILE
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
-    run = json.loads((workdir / RUN_FILE).read_text())
-    config = ResNetConfig.from_dict(run["model"])
-    tx = make_optimizer(OptimConfig(optimizer=run["flags"]["optimizer"]))
+    try:
+        run = json.loads((workdir / RUN_FILE).read_text())
+        config = ResNetConfig.from_dict(run["model"])
+        tx = make_optimizer(OptimConfig(optimizer=run["flags"]["optimizer"]))
+        names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
+                           "pass the --workdir of a complete run") from None
+    if len(names) != config.num_classes:
+        raise WeightsError(f"{workdir / RUN_FILE} names {len(names)} classes for a {config.num_classes}-class "
+                           "model (damaged?); pass the --workdir of a complete run")
     graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx))
     ckpts = Checkpoints(workdir, async_save=False)
     step = ckpts.best_step() or ckpts.latest_step()
@@ -36,7 +45,7 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     ckpts.close()
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     model.eval()
-    return model, run["class_names"], int(run["flags"]["image_size"])
+    return model, names, size
 
 
 def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
@@ -61,10 +70,17 @@ def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
     for path in images:
         try:
             batch.append(eval_transform(load_image(path), image_size))
-        except (OSError, ValueError) as e:
+        except Image.DecompressionBombError as e:
+            raise WeightsError(f"{path}: refused, the image is too large to decode safely ({e}); "
+                               "pass a smaller image") from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise WeightsError(f"{path}: cannot read the image ({e}); pass a JPEG/PNG file") from None
     logits = inference_fn(model)(jnp.asarray(np.stack(batch)))
-    return np.asarray(jax.nn.softmax(logits, axis=-1))
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+    if not np.all(np.isfinite(probs)):
+        raise WeightsError("the model's outputs are not finite (NaN/inf): its weights are broken or overflow; "
+                           "use another checkpoint (an earlier step of the run) or weights file")
+    return probs
 
 
 def main(argv: list[str] | None = None) -> int:
