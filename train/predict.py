@@ -13,14 +13,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError
 from resnet_flax.model import ResNet, ResNetConfig
-
-IMAGENET_CLASSES = Path(__file__).with_name("imagenet_classes.txt")
-
-
-def imagenet_class_names() -> list[str]:
-    return IMAGENET_CLASSES.read_text().splitlines()
+from resnet_flax.weights import imagenet_categories
 
 
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
@@ -62,7 +58,7 @@ def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
 
     model = convert.load_model(checkpoint)
     n = model.config.num_classes
-    names = imagenet_class_names() if n == 1000 else [f"class {i}" for i in range(n)]
+    names = list(imagenet_categories()) if n == 1000 else [f"class {i}" for i in range(n)]
     return model, names, 224
 
 
@@ -79,7 +75,7 @@ def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
                                "pass a smaller image") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise WeightsError(f"{path}: cannot read the image ({e}); pass a JPEG/PNG file") from None
-    logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(np.stack(batch)))
+    logits = inference_fn(model)(jnp.asarray(np.stack(batch)))
     probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
     if not np.all(np.isfinite(probs)):
         raise WeightsError("the model's outputs are not finite (NaN/inf): its weights are broken or overflow; "

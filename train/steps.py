@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from resnet_flax.fuse import CPU_COMPILER_OPTIONS
+from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
 
 Batch = dict[str, jax.Array]
@@ -146,29 +146,6 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
         "top5_sum": jnp.sum(jnp.any(topk == labels[:, None], axis=-1) * mask),
         "count": jnp.sum(mask),
     }
-
-
-# XLA:CPU options measured side by side against PyTorch (benchmarks/README.md): jaxlib 0.10's default
-# YNNPACK fusion makes the ResNet training step 2-4.6x slower on CPU; reduce-only fusion is fastest for
-# training, no YNNPACK fusion for inference. Other backends get no options.
-CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-CPU_EVAL_OPTIONS = CPU_COMPILER_OPTIONS
-
-
-@functools.cache
-def _cpu_options_supported(items: tuple[tuple[str, str], ...]) -> bool:
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(jnp.zeros(())).compile()
-        return True
-    except Exception:  # an XLA that does not know the option: compile without it
-        return False
-
-
-def cpu_compiler_options(options: dict[str, str]) -> dict[str, str] | None:
-    """``options`` when running on CPU with an XLA that accepts them, else None."""
-    if jax.default_backend() != "cpu" or not _cpu_options_supported(tuple(sorted(options.items()))):
-        return None
-    return options
 
 
 def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
