@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, use_matmul
+from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_form
 
 Mode = Literal["infer", "train"]
 Framework = Literal["flax", "torch"]
@@ -82,29 +82,11 @@ def without_conv_lever(opts: FlaxOptions) -> FlaxOptions:
 
 
 def conv_lever_applies(image_size: int) -> bool:
-    """Whether resnet_flax.conv computes any ResNet convolution as a matmul on CPU at ``image_size``.
+    """Whether resnet_flax.conv computes any ResNet convolution in another form than XLA's on CPU here.
 
-    Only the 3x3 convolutions of the last stage can switch; their output map is the last stage's.
+    Candidates: the stem, and the 3x3 convolutions of the last stage (the smallest maps).
     """
     size = image_size
-    for kernel, stride, pad in ((7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1), (3, 2, 1)):  # stem, pool, 3 stages
+    for kernel, stride, pad in ((7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1)):  # stem, max-pool, layer2, layer3
         size = (size + 2 * pad - kernel) // stride + 1
-    return use_matmul(size, size, 3)
-
-
-# Each lever alone and stacked, for ``--levers``: name -> (modes it applies to, options). The training levers
-# after "ynn-reduce-only" (flax-fast's setting) are stacked on it, so their effect is read against it.
-_FAST_TRAIN_OPTIONS = dict(FLAX_FAST_TRAIN.cpu_compiler_options)
-LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
-    "plain": (("infer", "train"), FLAX_PLAIN),
-    "fold-bn": (("infer",), FlaxOptions(fold_bn=True)),
-    "fast-math": (("infer", "train"), FlaxOptions.with_options(FAST_MATH)),
-    "ynn-off": (("infer", "train"), FlaxOptions.with_options(YNN_OFF)),
-    "ynn-off+fast-math": (("infer",), FlaxOptions.with_options({**YNN_OFF, **FAST_MATH})),
-    "ynn-reduce-only": (("infer", "train"), FlaxOptions.with_options(YNN_REDUCE_ONLY)),
-    "ynn-off+fold-bn": (("infer",), FLAX_FAST_INFER),
-    "ynn-reduce-only+no-donation": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, donate=False)),
-    "ynn-reduce-only+host-round-trip": (("train",),
-                                        FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, host_round_trip=True)),
-    "ynn-reduce-only+xla-conv": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, conv="xla")),
-}
+    return cpu_form(image_size, 3, 7, 2, 3) != "xla" or cpu_form(size, 256, 3, 2, 1) != "xla"

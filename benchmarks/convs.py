@@ -2,9 +2,9 @@
 
 ``python -m benchmarks.convs --arch resnet18 resnet50 --image-size 32 64 112 224`` lists each distinct
 convolution of the model at that input size (batch 64, or 16 at 224 px), times its forward pass (compiled
-with the inference options) and its forward + backward (input and kernel gradients, training options) in
-both forms, alternating, and prints which form :func:`resnet_flax.conv.use_matmul` picks. The table in
-benchmarks/README.md comes from here and sets that rule.
+with the inference options) and its forward + backward (input and kernel gradients, training options; the
+stem's kernel gradient only) in both forms, alternating, and prints the form
+:func:`resnet_flax.conv.cpu_form` picks. The table in benchmarks/README.md comes from here and sets that rule.
 """
 
 from __future__ import annotations
@@ -89,14 +89,17 @@ def _functions(shape: Shape, policy: str, train: bool) -> Callable:
         return fwd
 
     def fwd_bwd(x, w, ct):
-        _, back = jax.vjp(fwd, x, w)
+        if shape.cin <= 4:  # the stem: its input is the image, whose gradient nobody asks for
+            _, back = jax.vjp(lambda w: fwd(x, w), w)
+        else:
+            _, back = jax.vjp(fwd, x, w)
         return back(ct)
 
     return fwd_bwd
 
 
 def time_shape(shape: Shape, train: bool, reps: int) -> dict[str, float]:
-    """Median seconds of the XLA and matmul forms of ``shape`` (fwd, or fwd+bwd when ``train``), alternating."""
+    """Median seconds of each form of ``shape`` (fwd, or fwd+bwd when ``train``), alternating."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((shape.batch, shape.size, shape.size, shape.cin), np.float32))
     w = jnp.asarray(rng.standard_normal((shape.kernel, shape.kernel, shape.cin // shape.groups, shape.cout),
@@ -106,7 +109,7 @@ def time_shape(shape: Shape, train: bool, reps: int) -> dict[str, float]:
         args += (jnp.asarray(rng.standard_normal((shape.batch, shape.out, shape.out, shape.cout), np.float32)),)
     options = C.cpu_compiler_options(C.CPU_TRAIN_OPTIONS if train else C.CPU_EVAL_OPTIONS)
     compiled = {}
-    for policy in ("xla", "matmul"):
+    for policy in C.FORMS:
         fn = jax.jit(_functions(shape, policy, train), compiler_options=options)
         compiled[policy] = fn.lower(*args).compile()
         jax.block_until_ready(compiled[policy](*args))
@@ -127,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="batch size (default 64, 16 at 224 px)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    p.add_argument("--max-map", type=int, help="only convolutions whose output map is at most this wide")
     args = p.parse_args(argv)
     print("| image | conv (input->output map) | used by | fwd ms xla / matmul | fwd+bwd ms xla / matmul | picks |")
     print("|---|---|---|---|---|---|")
@@ -137,15 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             for shape, count in model_convs(arch, size, batch).items():
                 users.setdefault(shape, []).append(f"{arch.removeprefix('resnet')}x{count}")
         for shape in sorted(users, key=lambda s: (-s.size, s.kernel, s.cin, s.stride)):
+            if (args.max_map and shape.out > args.max_map):
+                continue
             cells = []
             for mode in ("infer", "train"):
                 if mode not in args.mode:
                     cells.append("-")
                     continue
                 t = time_shape(shape, mode == "train", args.reps)
-                cells.append(f"{1e3 * t['xla']:.1f} / {1e3 * t['matmul']:.1f}")
-            pick = "matmul" if C.use_matmul(shape.out, shape.out, shape.kernel, shape.stride, shape.groups) \
-                else "xla"
+                cells.append(" / ".join(f"{1e3 * v:.1f}" for v in t.values()))
+            pick = C.cpu_form(shape.size, shape.cin, shape.kernel, shape.stride, shape.padding, 1, shape.groups)
             print(f"| {size} b{batch} | {shape.label()} | {' '.join(users[shape])} | {cells[0]} | {cells[1]} "
                   f"| {pick} |", flush=True)
     return 0

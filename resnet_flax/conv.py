@@ -3,7 +3,7 @@
 XLA:CPU's convolution is very slow on small feature maps (a 3x3 conv, 512 -> 512 channels on a 2x2 map runs at
 about 2 GFLOP/s; openxla/xla#34273, jax-ml/jax#31662). The same arithmetic as "im2col" (pad, the kh*kw shifted
 windows concatenated on the channel axis, one matmul; grouped convs as a group-batched matmul) runs at matmul
-speed there. :func:`use_matmul` decides per layer from static shapes which form the CPU compiles; other
+speed there. :func:`cpu_form` decides per layer from static shapes which form the CPU compiles; other
 backends always get XLA's convolution (``jax.lax.platform_dependent``, so a program lowered for a GPU or TPU
 carries no trace of the other form). Both forms agree to float32 rounding, forward and backward.
 
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+Form = Literal["xla", "matmul"]
 Policy = Literal["auto", "xla", "matmul"]
 
 # jaxlib 0.10's XLA:CPU sends convolutions (and reductions) to YNNPACK by default; its weight-gradient
@@ -43,11 +44,11 @@ def conv_policy(policy: Policy) -> Iterator[None]:
     It is read when a function is traced: a ``jax.jit`` function already traced with other settings keeps
     its compiled form (jit's cache does not see the policy), so apply it to freshly defined functions.
 
-    "auto" (the default) follows :func:`use_matmul` on CPU; "xla" always uses ``lax.conv_general_dilated``;
-    "matmul" uses the patches-matmul form on every backend.
+    "auto" (the default) follows :func:`cpu_form` on CPU and XLA's convolution elsewhere; a form's name
+    uses that form on every backend ("xla" is ``lax.conv_general_dilated`` as is).
     """
-    if policy not in ("auto", "xla", "matmul"):
-        raise ValueError(f"conv policy must be 'auto', 'xla' or 'matmul', got {policy!r}")
+    if policy != "auto" and policy not in FORMS:
+        raise ValueError(f"conv policy must be 'auto' or one of {sorted(FORMS)}, got {policy!r}")
     token = _policy.set(policy)
     try:
         yield
@@ -71,33 +72,35 @@ def cpu_compiler_options(options: dict[str, Any]) -> dict[str, Any] | None:
     return options
 
 
-def use_matmul(out_height: int, out_width: int, kernel_size: int, stride: int = 1, groups: int = 1) -> bool:
-    """Whether XLA:CPU should compute a convolution with this output map as patches-matmul.
+def cpu_form(in_size: int, in_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+             dilation: int = 1, groups: int = 1) -> Form:
+    """The fastest form of this square NHWC convolution on XLA:CPU (per-shape table in benchmarks/README.md).
 
-    From the per-shape table in benchmarks/README.md: XLA:CPU's spatial convolutions are 10-40x slower than
-    the matmul form when the output map is 2x2 or smaller, and as fast or faster from 4x4 up; 1x1
-    convolutions are matmuls for XLA already and stay with it.
+    - "matmul" when a spatial kernel's output map is 2x2 or smaller: XLA:CPU's convolution is 10-40x slower
+      there (forward or backward). From 4x4 up XLA is as fast or faster; 1x1 convs are matmuls for it already.
+    - "xla" otherwise, the 7x7/2 stem included (as patches-matmul it is 2-4x slower, and as a 4x4/1 conv on the
+      2x2 space-to-depth input no faster once its kernel gradient is counted).
     """
-    return kernel_size > 1 and out_height * out_width <= 4
+    out = (in_size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+    if kernel_size > 1 and out * out <= 4:
+        return "matmul"
+    return "xla"
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, dilation: int = 1,
            groups: int = 1, precision: Any = None) -> jax.Array:
     """NHWC ``x`` convolved with the HWIO ``kernel``, PyTorch's symmetric ``padding``, in the fastest form."""
-    policy = _policy.get()
-    if policy == "xla":
-        return _xla_conv(x, kernel, stride, padding, dilation, groups, precision)
-    if policy == "matmul":
-        return _matmul_conv(x, kernel, stride, padding, dilation, groups, precision)
-    _, h, w, _ = x.shape
-    kh, kw, _, _ = kernel.shape
-    out_h = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
-    if kh != kw or not use_matmul(out_h, out_w, kh, stride, groups):
-        return _xla_conv(x, kernel, stride, padding, dilation, groups, precision)
     args = (stride, padding, dilation, groups, precision)
+    policy = _policy.get()
+    if policy != "auto":
+        return FORMS[policy](x, kernel, *args)
+    _, h, w, cin = x.shape
+    kh, kw, _, _ = kernel.shape
+    form = cpu_form(h, cin, kh, *args[:4]) if h == w and kh == kw else "xla"
+    if form == "xla":
+        return _xla_conv(x, kernel, *args)
     return lax.platform_dependent(
-        x, kernel, cpu=lambda a, b: _matmul_conv(a, b, *args), default=lambda a, b: _xla_conv(a, b, *args))
+        x, kernel, cpu=lambda a, b: FORMS[form](a, b, *args), default=lambda a, b: _xla_conv(a, b, *args))
 
 
 def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int, groups: int,
@@ -130,6 +133,9 @@ def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dil
     k = kernel.reshape(taps, cin_g, groups, cout // groups)
     y = jnp.einsum("nhwtgc,tcgo->nhwgo", patches, k, precision=precision)
     return y.reshape(n, out_h, out_w, cout)
+
+
+FORMS = {"xla": _xla_conv, "matmul": _matmul_conv}
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,

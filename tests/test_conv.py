@@ -21,6 +21,7 @@ SHAPES = {
     "1x1 4x4": (2, 4, 32, 64, 1, 1, 0, 1, 1),
     "1x1/2 4->2": (2, 4, 32, 64, 1, 2, 0, 1, 1),
     "stem 7x7/2 8->4": (2, 8, 3, 16, 7, 2, 3, 1, 1),
+    "stem 7x7/2 odd 9->5": (2, 9, 3, 16, 7, 2, 3, 1, 1),
     "grouped 3x3/2": (2, 6, 32, 32, 3, 2, 1, 1, 8),
     "grouped dilated 3x3": (2, 5, 16, 16, 3, 1, 2, 2, 4),
     "3x3 5x5 map": (2, 5, 16, 24, 3, 1, 1, 1, 1),
@@ -47,7 +48,7 @@ def forward_and_grads(policy, x, w, ct, stride, padding, dilation, groups):
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_matmul_form_is_as_exact_as_xla_convolution(name):
+def test_other_forms_are_as_exact_as_xla_convolution(name):
     n, size, cin, cout, k, stride, padding, dilation, groups = SHAPES[name]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.float32)
@@ -56,13 +57,14 @@ def test_matmul_form_is_as_exact_as_xla_convolution(name):
     ct = jnp.asarray(rng.normal(size=(n, out, out, cout)), jnp.float32)
     ref = torch_reference(x, w, ct, stride, padding, dilation, groups)
     xla = forward_and_grads("xla", x, w, ct, stride, padding, dilation, groups)
-    mm = forward_and_grads("matmul", x, w, ct, stride, padding, dilation, groups)
-    for what, r, a, b in zip(("output", "input grad", "kernel grad"), ref, xla, mm):
-        assert a.shape == b.shape == r.shape, what
-        # The noise is float32 rounding, measured by XLA's own convolution against float64 at this shape;
-        # the floor is float32's epsilon (one rounding of an O(1) result, when XLA happens to be exact).
-        bound = 4 * max(rel_err(a, r), np.finfo(np.float32).eps)
-        assert rel_err(b, r) <= bound, (what, rel_err(b, r), rel_err(a, r))
+    for form in ("matmul",):
+        got = forward_and_grads(form, x, w, ct, stride, padding, dilation, groups)
+        for what, r, a, b in zip(("output", "input grad", "kernel grad"), ref, xla, got):
+            assert a.shape == b.shape == r.shape, (form, what)
+            # The noise is float32 rounding, measured by XLA's own convolution against float64 at this shape;
+            # the floor is float32's epsilon (one rounding of an O(1) result, when XLA happens to be exact).
+            bound = 4 * max(rel_err(a, r), np.finfo(np.float32).eps)
+            assert rel_err(b, r) <= bound, (form, what, rel_err(b, r), rel_err(a, r))
 
 
 def ops(fn, *args, platform: str | None = None) -> str:
@@ -79,7 +81,9 @@ def test_each_backend_compiles_its_form():
     def f(x, w):
         return C.conv2d(x, w, 1, 1)
 
-    assert C.use_matmul(2, 2, 3) and not C.use_matmul(32, 32, 3) and not C.use_matmul(1, 1, 1)
+    assert C.cpu_form(2, 64, 3, 1, 1) == "matmul" and C.cpu_form(4, 64, 3, 2, 1) == "matmul"
+    assert C.cpu_form(4, 64, 3, 1, 1) == "xla" and C.cpu_form(1, 64, 1) == "xla"
+    assert C.cpu_form(64, 3, 7, 2, 3) == "xla"
     assert "convolution" in ops(f, *big, platform="cpu") and "dot_general" not in ops(f, *big, platform="cpu")
     assert "dot_general" in ops(f, *small, platform="cpu") and "convolution" not in ops(f, *small, platform="cpu")
     # GPU and TPU keep XLA's convolution: only the CPU branch of platform_dependent is the matmul.
