@@ -84,8 +84,8 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool] | None) -> i
     if src.is_dir():  # a Hugging Face / timm hub folder (config.json + weights)
         weights_file = next((src / n for n in core.HF_WEIGHT_FILES if (src / n).is_file()), None)
         if weights_file is None:
-            raise WeightsError(f"{src}: a folder, not a file (and no {' or '.join(core.HF_WEIGHT_FILES)} in it); pass the path of a "
-                               "PyTorch checkpoint")
+            raise WeightsError(f"{src}: a folder, not a file (and no {' or '.join(core.HF_WEIGHT_FILES)} in it); "
+                               "pass the path of a PyTorch checkpoint")
     elif not src.is_file():
         raise WeightsError(f"{src}: no such file; pass the path of a PyTorch checkpoint")
     to_flax = src.is_dir() or detect_format(src) != "flax"

@@ -102,7 +102,8 @@ def read_checkpoint(path: str | Path, *, arch: str | None = None,
     if path.is_dir():
         found = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
         if found is None:
-            raise WeightsError(f"{path}: a folder, not a file (and no {' or '.join(HF_WEIGHT_FILES)} in it); pass a checkpoint file")
+            raise WeightsError(f"{path}: a folder, not a file (and no {' or '.join(HF_WEIGHT_FILES)} in it); "
+                               "pass a checkpoint file")
         path = found
     sd, info, notes = read_source(path, weights_set=weights_set, allow_nonfinite=allow_nonfinite)
     config_json = formats.read_json_beside(path, "config.json")

@@ -81,7 +81,7 @@ def download(url: str, dst: Path, *, hash_prefix: str = "", progress: bool = Tru
     return digest.hexdigest()
 
 
-def pretrained_model(arch: str, weights: Any, *, num_classes: int | None = None,
+def pretrained_model(arch: str | None, weights: Any, *, num_classes: int | None = None,
                      replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
                      dtype: Dtype = jnp.float32, progress: bool = True) -> ResNet:
     """``arch`` with ``weights``: a registry name/enum/True, ``"hf-hub:org/name"``, ``"org/name"``, or a file."""
@@ -173,13 +173,16 @@ def hf_hub_model(name: str, *, arch: str | None = None, dtype: Dtype = jnp.float
         if not out.is_file():
             with contextlib.suppress(EntryNotFoundError, LocalEntryNotFoundError):  # optional: eval transform
                 hf_hub_download(repo_id, "preprocessor_config.json", revision=revision or None)
+            missing: Exception | None = None
             for filename in ("model.safetensors", "pytorch_model.bin"):
                 try:
                     src = Path(hf_hub_download(repo_id, filename, revision=revision or None))
                     break
-                except EntryNotFoundError:
-                    continue
+                except EntryNotFoundError as e:  # LocalEntryNotFoundError (offline, not cached) is one too
+                    missing = missing if isinstance(missing, LocalEntryNotFoundError) else e
             else:
+                if isinstance(missing, LocalEntryNotFoundError):
+                    raise missing
                 raise WeightsError(f"{name}: the repository has neither model.safetensors nor pytorch_model.bin")
             _convert_hub_file(src, out, name, arch)
     except LocalEntryNotFoundError:

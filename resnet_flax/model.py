@@ -222,7 +222,7 @@ def arch_name(config: ResNetConfig) -> str | None:
     return None
 
 
-def create_model(name: str, *, weights: Any = None, pretrained: bool = False, progress: bool = True,
+def create_model(name: str | None, *, weights: Any = None, pretrained: bool = False, progress: bool = True,
                  num_classes: int | None = None, zero_init_residual: bool = False,
                  replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
                  in_channels: int = 3, dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
@@ -233,6 +233,8 @@ def create_model(name: str, *, weights: Any = None, pretrained: bool = False, pr
     ``ResNet50_Weights.IMAGENET1K_V2``; ``pretrained=True`` is V1), from the Hugging Face Hub
     (``"hf-hub:timm/resnet50.a1_in1k"``, ``"microsoft/resnet-50"``) or from a file; see :mod:`resnet_flax.hub`.
     A pretrained model comes in eval mode."""
+    if name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
+        name, weights = None, name
     if weights is not None or pretrained:
         from resnet_flax.hub import pretrained_model
 
