@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     from resnet_flax.io import WeightsError
     from train.data import DataError
-    from train.loop import NonFiniteLoss, RunError, run
+    from train.errors import NonFiniteLoss, RunError
+    from train.loop import run
 
     try:
         run(cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,12 +24,12 @@ def imagenet_class_names() -> list[str]:
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     """The best (else latest) checkpoint of a training workdir, its class names and image size."""
     from train.checkpoint import Checkpoints
-    from train.loop import RUN_FILE
+    from train.run_file import read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
-    run = json.loads((workdir / RUN_FILE).read_text())
+    run = read_run_file(workdir)
     config = ResNetConfig.from_dict(run["model"])
-    tx = make_optimizer(OptimConfig(optimizer=run["flags"]["optimizer"]))
+    tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
     graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx))
     ckpts = Checkpoints(workdir, async_save=False)
     step = ckpts.best_step() or ckpts.latest_step()
