@@ -13,8 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_flax.io import WeightsError
     from train.checkpoint import CheckpointWriteError
     from train.data import DataError
+    from train.errors import NonFiniteLoss, RunError
     from train.lock import WorkdirError, workdir_lock
-    from train.loop import NonFiniteLoss, RunError, run
+    from train.loop import run
 
     try:
         # Multi-host runs share the workdir across machines, where a lock file would be shared too: unlocked.

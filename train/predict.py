@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,13 +21,13 @@ from resnet_flax.weights import imagenet_categories
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     """The best (else latest) checkpoint of a training workdir, its class names and image size."""
     from train.checkpoint import Checkpoints
-    from train.loop import RUN_FILE
+    from train.run_file import RUN_FILE, read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
     try:
-        run = json.loads((workdir / RUN_FILE).read_text())
+        run = read_run_file(workdir)
         config = ResNetConfig.from_dict(run["model"])
-        tx = make_optimizer(OptimConfig(optimizer=run["flags"]["optimizer"]))
+        tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
         names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "

@@ -19,6 +19,7 @@ from flax import nnx
 
 from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
+from train.config import TrainConfig
 
 Batch = dict[str, jax.Array]
 
@@ -36,16 +37,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The optimisation recipe; ``lr`` is the peak learning rate after batch-size scaling."""
+    """The optimisation recipe; ``lr`` is the peak learning rate after batch-size scaling.
 
-    optimizer: str = "adamw"  # "sgd" | "adamw"
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    total_steps: int = 1000
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    label_smoothing: float = 0.0
+    Defaults are the command line's (:class:`TrainConfig`); ``total_steps`` has none, it depends on the data.
+    """
+
+    total_steps: int
+    optimizer: str = TrainConfig.optimizer  # "sgd" | "adamw"
+    lr: float = TrainConfig.lr
+    warmup_steps: int = TrainConfig.warmup_steps
+    weight_decay: float = TrainConfig.weight_decay
+    momentum: float = TrainConfig.momentum
+    nesterov: bool = TrainConfig.nesterov
+    label_smoothing: float = TrainConfig.label_smoothing
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, total_steps: int) -> OptimConfig:
+        """The recipe of a run's flags, with ``--lr`` scaled by ``--lr-scaling`` to the global batch."""
+        return cls(total_steps=total_steps, optimizer=cfg.optimizer,
+                   lr=scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr,
+                   warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                   nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
