@@ -233,7 +233,7 @@ def create_model(name: str | None, *, weights: Any = None, pretrained: bool = Fa
     ``ResNet50_Weights.IMAGENET1K_V2``; ``pretrained=True`` is V1), from the Hugging Face Hub
     (``"hf-hub:timm/resnet50.a1_in1k"``, ``"microsoft/resnet-50"``) or from a file; see :mod:`resnet_flax.hub`.
     A pretrained model comes in eval mode."""
-    if name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
+    if name is not None and name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
         name, weights = None, name
     if weights is not None or pretrained:
         from resnet_flax.hub import pretrained_model
