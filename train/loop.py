@@ -94,11 +94,12 @@ def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, 
         yield queue.popleft()
 
 
-def evaluate(evaluate_fn, state: TrainState, splits: Splits, cfg: TrainConfig, sharding: NamedSharding
-             ) -> dict[str, float]:
+def evaluate(evaluate_fn, state: TrainState, splits: Splits, cfg: TrainConfig, sharding: NamedSharding,
+             resize_size: int | None = None) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over the whole validation split (padding is masked out)."""
     sums: dict[str, Any] = {}
     loader = make_loader(splits.val, batch_size=cfg.batch_size, image_size=cfg.image_size, train=False,
+                         resize_size=resize_size,
                          seed=cfg.seed, num_workers=cfg.num_workers, process_index=jax.process_index(),
                          process_count=jax.process_count())
     corrupt = 0
@@ -181,7 +182,14 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     metrics = MetricsLog(cfg.workdir, enabled=jax.process_index() == 0)
     try:
         if cfg.eval_only:
-            result = evaluate(eval_fn, state, splits, cfg, batch_sharding)
+            resize = None
+            if cfg.init_from and cfg.image_size == TrainConfig.image_size:  # the weights' own eval transform
+                import convert
+
+                t = convert.eval_settings(cfg.init_from)[1]
+                cfg.image_size, resize = t.crop_size, t.resize_size
+                log(f"evaluating as the weights file records: resize {resize}, centre crop {t.crop_size}")
+            result = evaluate(eval_fn, state, splits, cfg, batch_sharding, resize)
             metrics.write({"step": int(meta["step"]), "epoch": int(meta["epoch"]), **result})
             log(format_eval(result))
             return result
