@@ -64,7 +64,14 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     progress = None
     try:
         if cfg.eval_only:
-            result = evaluate(eval_step, state, splits, cfg, batch_sharding)
+            crop, resize = cfg.image_size, None
+            if cfg.init_from and cfg.image_size == TrainConfig.image_size:  # the weights' own eval transform
+                import convert
+
+                t = convert.eval_settings(cfg.init_from)[1]
+                crop, resize = t.crop_size, t.resize_size
+                log(f"evaluating as the weights file records: resize {resize}, centre crop {crop}")
+            result = evaluate(eval_step, state, splits, cfg, batch_sharding, crop, resize)
             metrics.write({"step": int(position["step"]), "epoch": int(position["epoch"]), **result})
             log(format_eval(result))
             return result
