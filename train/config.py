@@ -46,6 +46,8 @@ class TrainConfig:
     zero_init_residual: bool = False
     distributed: bool = False
     progress: bool = True
+    compile_only: bool = False
+    topology: str | None = None
 
     @property
     def resolved_arch(self) -> str:
@@ -135,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() (TPU pods, SLURM/GPU clusters)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    g = p.add_argument_group("sizing for a TPU (no TPU needed)")
+    g.add_argument("--compile-only", action="store_true",
+                   help="compile the run's train/eval steps for --topology and print per-chip memory vs HBM, FLOPs, "
+                        "the roofline images/s and the collectives; trains nothing (needs the [tpu] extra)")
+    g.add_argument("--topology", metavar="NAME",
+                   help="TPU topology for --compile-only, e.g. v5e:2x4, v6e:2x4, v5p:2x2x1, v5e:16x16 (64 hosts)")
     return p
 
 
@@ -150,6 +159,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         p.error("--max-steps must be at least 1")
     if not 0 <= cfg.label_smoothing < 1:
         p.error("--label-smoothing must be in [0, 1)")
+    if cfg.compile_only != (cfg.topology is not None):
+        p.error("--compile-only and --topology NAME go together (e.g. --compile-only --topology v5e:2x4)")
     if cfg.eval_only and cfg.init_from is None and not (cfg.workdir / "checkpoints").is_dir():
         p.error("--eval-only needs --init-from PATH or a --workdir with checkpoints")
     return cfg

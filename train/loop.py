@@ -8,7 +8,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,12 @@ from resnet_flax.layers import linear
 from resnet_flax.model import ResNet, ResNetConfig
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.data import Splits, load_splits, make_loader, steps_per_epoch
+from train.data import ExampleLoader, Splits, load_splits, make_loader, steps_per_epoch
 from train.metrics import MetricsLog, plot_curves
 from train.steps import OptimConfig, TrainState, create_train_state, jit_steps, make_optimizer, scaled_lr
 
 RUN_FILE = "run.json"  # model config + class names: what predict needs to rebuild the model
+PREFETCH_BATCHES = 2  # batches kept on the devices ahead of the step (so --compile-only counts them too)
 COMPARED_ON_RESUME = ("dataset", "data_dir", "image_size", "batch_size", "seed", "dtype", "optimizer")
 
 
@@ -71,18 +72,54 @@ def rebuild_model(cfg: TrainConfig) -> ResNet:
     return ResNet(ResNetConfig.from_dict(run["model"]), dtype=dtype, rngs=nnx.Rngs(cfg.seed))
 
 
-def make_mesh() -> tuple[NamedSharding, NamedSharding]:
-    """(replicated, batch-sharded) shardings over a 1-D ``data`` mesh of every device of every host."""
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> tuple[NamedSharding, NamedSharding]:
+    """(replicated, batch-sharded) shardings over a 1-D ``data`` mesh of ``devices`` (default: all, all hosts)."""
+    devices = jax.devices() if devices is None else list(devices)
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
     return NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+
+def check_batch_size(batch_size: int, sharding: NamedSharding) -> None:
+    """The global batch must split evenly over the mesh's devices."""
+    n = sharding.mesh.size
+    if batch_size % n:
+        raise RunError(f"--batch-size {batch_size} is not divisible by the {n} devices; use a multiple of {n}")
+
+
+def optim_config(cfg: TrainConfig, total_steps: int) -> OptimConfig:
+    """The run's optimisation recipe, the peak lr scaled to the global batch (``--lr-scaling linear``)."""
+    peak_lr = scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr
+    return OptimConfig(cfg.optimizer, peak_lr, cfg.warmup_steps, total_steps, cfg.weight_decay, cfg.momentum,
+                       cfg.nesterov, cfg.label_smoothing)
+
+
+def build_steps(cfg: TrainConfig, model: ResNet, ocfg: OptimConfig, replicated: NamedSharding,
+                batch_sharding: NamedSharding) -> tuple[TrainState, Callable, Callable]:
+    """(fresh host-side state, train_fn, eval_fn): what training and ``--compile-only`` both compile."""
+    tx = make_optimizer(ocfg)
+    graphdef, state = create_train_state(model, tx, cfg.seed)
+    train_fn, eval_fn = jit_steps(graphdef, tx, ocfg, replicated, batch_sharding)
+    return state, train_fn, eval_fn
+
+
+def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The entries of a loader batch that go to the devices (``corrupt`` is a host-side count)."""
+    return {k: v for k, v in batch.items() if k != "corrupt"}
+
+
+def batch_spec(cfg: TrainConfig, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and sharding of the global batch the steps receive (from the loader's own example)."""
+    example = device_batch(ExampleLoader(None, 0, cfg.image_size, True, cfg.seed, 0)(0))  # a padding example
+    return {k: jax.ShapeDtypeStruct((cfg.batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)
+            for k, v in example.items()}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This host's share of the batch -> global arrays sharded over the mesh (no copy between hosts)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k != "corrupt"}
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in device_batch(batch).items()}
 
 
-def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = PREFETCH_BATCHES
              ) -> Iterator[tuple[dict[str, jax.Array], int]]:
     """Keep ``size`` batches already on the devices, so the host never stalls the accelerator."""
     queue: collections.deque = collections.deque()
@@ -148,15 +185,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     splits = load_splits(cfg.dataset, cfg.data_dir, str(cfg.tfds_data_dir) if cfg.tfds_data_dir else None,
                          val_fraction=cfg.val_fraction)
     replicated, batch_sharding = make_mesh()
-    if cfg.batch_size % jax.device_count():
-        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {jax.device_count()} devices; "
-                       f"use a multiple of {jax.device_count()}")
+    check_batch_size(cfg.batch_size, batch_sharding)
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * spe
-    peak_lr = scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr
-    ocfg = OptimConfig(cfg.optimizer, peak_lr, cfg.warmup_steps, total_steps, cfg.weight_decay, cfg.momentum,
-                       cfg.nesterov, cfg.label_smoothing)
-    tx = make_optimizer(ocfg)
+    ocfg = optim_config(cfg, total_steps)
 
     ckpts = None if cfg.eval_only and cfg.init_from else Checkpoints(cfg.workdir, cfg.keep_checkpoints)
     resuming = ckpts is not None and ckpts.latest_step() is not None
@@ -166,10 +198,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         check_same_run(cfg)
     model = rebuild_model(cfg) if resuming else build_model(cfg, splits.num_classes)
     model_config = model.config
-    graphdef, state = create_train_state(model, tx, cfg.seed)
+    state, train_fn, eval_fn = build_steps(cfg, model, ocfg, replicated, batch_sharding)
     del model
     state = jax.device_put(state, replicated)
-    train_fn, eval_fn = jit_steps(graphdef, tx, ocfg, replicated, batch_sharding)
 
     meta = {"step": 0, "epoch": 0, "batch": 0}
     if resuming:
@@ -190,7 +221,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
             f"{len(splits.train)} images ({splits.num_classes} classes), validating on {len(splits.val)}; "
             f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch {cfg.batch_size}, "
-            f"{spe} steps/epoch, {total_steps} steps, peak lr {peak_lr:g}")
+            f"{spe} steps/epoch, {total_steps} steps, peak lr {ocfg.lr:g}")
         return train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe, total_steps,
                           batch_sharding)
     finally:

@@ -157,9 +157,9 @@ def _cpu_options_supported(items: tuple[tuple[str, str], ...]) -> bool:
         return False
 
 
-def cpu_compiler_options(options: dict[str, str]) -> dict[str, str] | None:
-    """``options`` when running on CPU with an XLA that accepts them, else None."""
-    if jax.default_backend() != "cpu" or not _cpu_options_supported(tuple(sorted(options.items()))):
+def cpu_compiler_options(options: dict[str, str], platform: str | None = None) -> dict[str, str] | None:
+    """``options`` when compiling for CPU (``platform``, default JAX's backend) with an XLA that accepts them."""
+    if (platform or jax.default_backend()) != "cpu" or not _cpu_options_supported(tuple(sorted(options.items()))):
         return None
     return options
 
@@ -167,12 +167,17 @@ def cpu_compiler_options(options: dict[str, str]) -> dict[str, str] | None:
 def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
               state_sharding: Any = None, batch_sharding: Any = None
               ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable[[TrainState, Batch], dict]]:
-    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated."""
+    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated.
+
+    The devices of ``state_sharding`` (JAX's default backend without one) decide the compiler options, so a
+    TPU compile from a CPU-only process (``--compile-only``) gets none of the CPU ones.
+    """
+    platform = state_sharding.mesh.devices.flat[0].platform if state_sharding is not None else None
     train = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0,
                     in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
                     out_shardings=(state_sharding, None) if state_sharding is not None else None,
-                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS))
+                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS, platform))
     evaluate = jax.jit(functools.partial(eval_step, graphdef),
                        in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
-                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))
+                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS, platform))
     return train, evaluate
