@@ -119,6 +119,7 @@ class Compiled:
     eval: Any
     seconds: float
     batch_bytes: int  # one global batch's bytes on each device
+    params: int  # number of parameters
 
 
 def topology_devices(name: str) -> list:
@@ -157,7 +158,8 @@ def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = F
     train = steps["train"].lower(state, batch).compile()
     evaluate = None if train_only else steps["eval"].lower(state, batch).compile()
     batch_bytes = sum(math.prod(b.shape) * b.dtype.itemsize for b in batch.values()) // len(devices)
-    return Compiled(train, evaluate, time.perf_counter() - t0, batch_bytes)
+    params = sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))
+    return Compiled(train, evaluate, time.perf_counter() - t0, batch_bytes, params)
 
 
 def forward_flops(cfg, num_classes: int) -> dict[str, float]:
@@ -260,7 +262,7 @@ def collectives(hlo: str, num_devices: int) -> list[dict[str, Any]]:
     found = []
     for line in hlo.splitlines():
         m = _COLLECTIVE.search(line)
-        if not m or "-done" in line.split("=", 1)[0]:
+        if not m:  # (an async collective's "-done" half never matches: it is counted at its "-start")
             continue
         sizes = _array_bytes(m.group(1))
         if m.group(3) and m.group(2) != "all-reduce":  # async start: (operands, outputs, ...)
@@ -308,6 +310,19 @@ def chip_of(devices: Sequence) -> tuple[Chip | None, int]:
     return chip, max(1, len(devices) // max(chips, 1))
 
 
+def shardings(compiled) -> dict[str, Any]:
+    """How the compiled train step lays out its inputs and outputs over the mesh."""
+    import jax
+
+    (state, batch), _ = compiled.input_shardings
+    state_out, _ = compiled.output_shardings
+    leaves = jax.tree.leaves(state)
+    return {"state_replicated": all(s.is_fully_replicated for s in leaves),
+            "state_out_replicated": all(s.is_fully_replicated for s in jax.tree.leaves(state_out)),
+            "state_arrays": len(leaves), "batch": {k: str(s.spec) for k, s in batch.items()},
+            "mesh": dict(leaves[0].mesh.shape)}
+
+
 def cost(compiled) -> dict[str, float]:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca or {}
@@ -331,7 +346,8 @@ def build_report(cfg, topology: str, devices: Sequence, compiled: Compiled, num_
     coll = collectives(compiled.train.as_text(), n)
     report: dict[str, Any] = {
         "arch": cfg.resolved_arch, "dtype": cfg.dtype, "image_size": cfg.image_size, "num_classes": num_classes,
-        "optimizer": cfg.optimizer, "topology": topology, "device_kind": devices[0].device_kind, "devices": n,
+        "optimizer": cfg.optimizer, "params": compiled.params, "topology": topology,
+        "device_kind": devices[0].device_kind, "devices": n,
         "chips": n // per_chip, "hosts": len({d.process_index for d in devices}), "global_batch": cfg.batch_size,
         "per_device_batch": cfg.batch_size // n, "compile_seconds": round(compiled.seconds, 1),
         "memory": mem, "hbm_per_device": hbm, "fits": None if hbm is None else peak <= hbm,
@@ -343,6 +359,7 @@ def build_report(cfg, topology: str, devices: Sequence, compiled: Compiled, num_
         "collectives": summarise_collectives(coll),
         "eval_collectives": summarise_collectives(collectives(compiled.eval.as_text(), n)),
         "chip": dataclasses.asdict(chip) if chip else None,
+        "shardings": shardings(compiled.train),
     }
     if chip:
         compute = n * chip.peak_flops / per_chip / report["flops_per_image"]
@@ -399,29 +416,35 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def largest_fitting_batch(num_devices: int, too_big: int, used: Callable[[int], float], hbm: float) -> int:
+def largest_fitting_batch(num_devices: int, used: Callable[[int], float], hbm: float,
+                          known: dict[int, float]) -> int:
     """The largest multiple of the device count that fits, found by compiling (compiles are deterministic).
 
-    ``used(b)`` is the per-device bytes at global batch ``b`` (the train step's: evaluating needs less); the
-    search interpolates along the (nearly linear) memory-vs-batch line inside a bracket [fits, too big], so
-    it ends after a few compiles. 0 when not even one image per device fits.
+    ``used(b)`` is the per-device bytes at global batch ``b`` (the train step's: evaluating needs less) and
+    ``known`` the batches already compiled. Memory grows almost linearly with the batch, so each next try
+    is read off the line through the two nearest known points, inside the bracket [fits, too big]: a few
+    compiles in all. 0 when not even one image per device fits.
     """
     n = num_devices
-    lo, hi = 0, too_big // n  # in units of n: lo fits (0 trivially), hi does not
-    mem_hi = used(hi * n)
-    mem_lo = None
-    while hi - lo > 1:
-        if mem_lo is None:
-            guess = max(1, min(hi - 1, int(hi * hbm / mem_hi)))
+    mem = {b // n: m for b, m in known.items()}  # in units of n images
+    while True:
+        fit = [u for u, m in mem.items() if m <= hbm]
+        over = [u for u, m in mem.items() if m > hbm]
+        lo, hi = max(fit, default=0), min(over, default=None)
+        if hi is not None and hi - lo <= 1:
+            return lo * n
+        pts = sorted(mem.items(), key=lambda um: abs(um[1] - hbm))[:2]
+        if len(pts) == 2 and pts[0][1] != pts[1][1]:
+            (u1, m1), (u2, m2) = pts
+            guess = int(u1 + (hbm - m1) * (u2 - u1) / (m2 - m1))
         else:
-            guess = lo + int((hi - lo) * (hbm - mem_lo) / max(mem_hi - mem_lo, 1))
-            guess = max(lo + 1, min(hi - 1, guess))
-        m = used(guess * n)
-        if m <= hbm:
-            lo, mem_lo = guess, m
-        else:
-            hi, mem_hi = guess, m
-    return lo * n
+            u1, m1 = pts[0]
+            guess = int(u1 * hbm / m1)
+        guess = max(lo + 1, guess if hi is None else min(hi - 1, guess))
+        if guess in mem:  # the line points at a tried batch: halve the bracket instead
+            guess = lo + 1 if hi is None else (lo + hi) // 2
+            guess = guess if guess not in mem else max(mem) + 1
+        mem[guess] = used(guess * n)
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -457,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             c = compile_steps(dataclasses.replace(cfg, batch_size=b), devices, num_classes, train_only=True)
             return memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
 
-        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), cfg.batch_size, used, hbm)
+        peak = max(m["total"] for m in report["memory"].values())
+        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), used, hbm, {cfg.batch_size: peak})
     _write(cfg, report)
     if report["fits"] is False:
         largest = report["largest_fitting_batch"]
