@@ -13,8 +13,8 @@ from flax import nnx
 
 import resnet_flax
 from benchmarks.config import Case, FlaxOptions
-from benchmarks.maxpool import FastPoolResNet
 from benchmarks.worker import Workload
+from resnet_flax.conv import conv_policy
 from resnet_flax.fuse import fold_batchnorm
 from resnet_flax.io import load_flat_state
 from train import steps
@@ -98,13 +98,12 @@ def build_infer(case: Case) -> Workload:
 def optim_config() -> steps.OptimConfig:
     """SGD with Nesterov momentum 0.9 and weight decay 1e-4 on kernels: the recipe the PyTorch side mirrors."""
     return steps.OptimConfig(optimizer="sgd", lr=0.1, warmup_steps=0, total_steps=10_000, weight_decay=1e-4,
-                             momentum=0.9, nesterov=True)
+                             momentum=0.9, nesterov=True, label_smoothing=0.0)
 
 
 def build_train(case: Case) -> Workload:
     """train.steps' jitted ``train_step`` (state donated unless the case says not to) on a fixed batch."""
-    cls = FastPoolResNet if case.flax.fast_maxpool else resnet_flax.ResNet
-    model = random_model(case.arch, DTYPES[case.dtype], case.seed, cls)
+    model = random_model(case.arch, DTYPES[case.dtype], case.seed)
     cfg = optim_config()
     tx = steps.make_optimizer(cfg)
     graphdef, state = steps.create_train_state(model, tx, seed=case.seed)
@@ -129,5 +128,6 @@ def build_train(case: Case) -> Workload:
 
 
 def build(case: Case) -> Workload:
-    """The Flax workload of ``case``."""
-    return build_infer(case) if case.mode == "infer" else build_train(case)
+    """The Flax workload of ``case`` (traced under its convolution policy)."""
+    with conv_policy(case.flax.conv):
+        return build_infer(case) if case.mode == "infer" else build_train(case)

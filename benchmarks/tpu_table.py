@@ -33,7 +33,7 @@ def child(arch: str, topology: str, per_chip: int, search: bool) -> dict[str, An
     jax.config.update("jax_platforms", "cpu")
     from train import compile_only as co
     from train.config import parse_config
-    from train.loop import PREFETCH_BATCHES
+    from train.mesh import PREFETCH_BATCHES
 
     devices = co.topology_devices(topology)
     _, per_device = co.chip_of(devices)

@@ -1,5 +1,6 @@
 """torchvision's ResNet family as Flax NNX modules; imports no torch."""
 
+from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError, flat_state, load, load_flat_state, save
 from resnet_flax.layers import BatchNorm
 from resnet_flax.model import (
@@ -23,19 +24,48 @@ from resnet_flax.model import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from resnet_flax.weights import (
+    ResNet18_Weights,
+    ResNet34_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    ResNet152_Weights,
+    ResNeXt50_32X4D_Weights,
+    ResNeXt101_32X8D_Weights,
+    ResNeXt101_64X4D_Weights,
+    Weights,
+    WeightsInfo,
+    Wide_ResNet50_2_Weights,
+    Wide_ResNet101_2_Weights,
+    get_weights,
+)
 
 __all__ = [
     "ARCHS",
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",
+    "ResNeXt50_32X4D_Weights",
+    "ResNeXt101_32X8D_Weights",
+    "ResNeXt101_64X4D_Weights",
     "ResNet",
+    "ResNet18_Weights",
+    "ResNet34_Weights",
+    "ResNet50_Weights",
+    "ResNet101_Weights",
+    "ResNet152_Weights",
     "ResNetConfig",
+    "Weights",
     "WeightsError",
+    "WeightsInfo",
+    "Wide_ResNet50_2_Weights",
+    "Wide_ResNet101_2_Weights",
     "arch_config",
     "arch_name",
     "create_model",
     "flat_state",
+    "get_weights",
+    "inference_fn",
     "list_models",
     "load",
     "load_flat_state",

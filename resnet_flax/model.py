@@ -132,7 +132,9 @@ class ResNet(nnx.Module):
         self.layer2 = self._make_layer(block, 128, config.layers[1], stride=2, dilate=dilate[0], **kw)
         self.layer3 = self._make_layer(block, 256, config.layers[2], stride=2, dilate=dilate[1], **kw)
         self.layer4 = self._make_layer(block, 512, config.layers[3], stride=2, dilate=dilate[2], **kw)
-        self.fc = linear(512 * block.expansion, config.num_classes, dtype=dtype, rngs=rngs)
+        # num_classes=0: a headless backbone (timm's convention), whose __call__ gives the pooled features
+        self.fc = linear(512 * block.expansion, config.num_classes, dtype=dtype, rngs=rngs) if config.num_classes \
+            else None
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False, *,
                     zero_init_residual: bool, dtype: Dtype, rngs: nnx.Rngs) -> nnx.List:
@@ -179,7 +181,7 @@ class ResNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Logits in float32 for NHWC images normalised like torchvision's (ImageNet mean/std)."""
         feats = jnp.mean(self.stages(x)["layer4"], axis=(1, 2))
-        return self.fc(feats).astype(jnp.float32)
+        return (feats if self.fc is None else self.fc(feats)).astype(jnp.float32)
 
 
 # name -> (block, layers, groups, width_per_group), exactly torchvision's factories.
@@ -220,12 +222,29 @@ def arch_name(config: ResNetConfig) -> str | None:
     return None
 
 
-def create_model(name: str, *, num_classes: int = 1000, zero_init_residual: bool = False,
+def create_model(name: str | None, *, weights: Any = None, pretrained: bool = False, progress: bool = True,
+                 num_classes: int | None = None, zero_init_residual: bool = False,
                  replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
                  in_channels: int = 3, dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
                  seed: int = 0) -> ResNet:
-    """Build a model by torchvision name, e.g. ``create_model("resnet50", num_classes=10)``."""
-    config = arch_config(name, num_classes=num_classes, in_channels=in_channels,
+    """Build a model by torchvision name, e.g. ``create_model("resnet50", num_classes=10)``.
+
+    ``weights`` loads pretrained weights like torchvision (``"IMAGENET1K_V2"``, ``"DEFAULT"``,
+    ``ResNet50_Weights.IMAGENET1K_V2``; ``pretrained=True`` is V1), from the Hugging Face Hub
+    (``"hf-hub:timm/resnet50.a1_in1k"``, ``"microsoft/resnet-50"``) or from a file; see :mod:`resnet_flax.hub`.
+    A pretrained model comes in eval mode."""
+    if name is not None and name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
+        name, weights = None, name
+    if weights is not None or pretrained:
+        from resnet_flax.hub import pretrained_model
+
+        if zero_init_residual or rngs is not None or in_channels != 3:
+            raise ValueError("zero_init_residual, rngs and in_channels shape a fresh model; "
+                             "they do not apply with weights=")
+        return pretrained_model(name, weights if weights is not None else True, num_classes=num_classes,
+                                replace_stride_with_dilation=replace_stride_with_dilation, dtype=dtype,
+                                progress=progress)
+    config = arch_config(name, num_classes=1000 if num_classes is None else num_classes, in_channels=in_channels,
                          replace_stride_with_dilation=replace_stride_with_dilation)
     return ResNet(config, zero_init_residual=zero_init_residual, dtype=dtype,
                   rngs=rngs if rngs is not None else nnx.Rngs(seed))

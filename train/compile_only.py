@@ -1,7 +1,7 @@
 """``python -m train --compile-only --topology v5e:2x4``: the run's steps compiled for a TPU and sized, no TPU needed.
 
 The mesh, shardings and jitted ``train_step``/``eval_step`` come from the functions the real run calls
-(:func:`train.loop.make_mesh`, :func:`train.loop.build_steps`, :func:`train.loop.batch_spec`), over the
+(:func:`train.mesh.make_mesh`, :func:`train.steps.build_steps`, :func:`train.mesh.batch_spec`), over the
 devices of a TPU topology that libtpu describes without the hardware. The state is built abstractly
 (``jax.eval_shape``), then both steps are lowered and compiled and the executables report memory, FLOPs
 and collectives. ``python -m train`` never loads libtpu for this: it re-runs the command as
@@ -126,7 +126,7 @@ def topology_devices(name: str) -> list:
     """The devices of TPU topology ``name`` (e.g. ``v5e:2x4``, ``v5p:2x2x1``), described by libtpu."""
     from jax.experimental import topologies
 
-    from train.loop import RunError
+    from train.errors import RunError
 
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
@@ -140,20 +140,22 @@ def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = F
     """The run's mesh, shardings and jitted steps over ``devices``, lowered on abstract state and compiled."""
     import jax
 
-    from train import loop
+    from train.mesh import batch_spec, check_batch_size, make_mesh
+    from train.model_setup import initial_model
+    from train.steps import OptimConfig, build_steps
 
-    replicated, batch_sharding = loop.make_mesh(devices)
-    loop.check_batch_size(cfg.batch_size, batch_sharding)
-    ocfg = loop.optim_config(cfg, cfg.max_steps or SCHEDULE_STEPS)
+    replicated, batch_sharding = make_mesh(devices)
+    check_batch_size(cfg.batch_size, batch_sharding)
+    optim = OptimConfig.for_run(cfg, cfg.max_steps or SCHEDULE_STEPS)
     steps: dict[str, Callable] = {}
 
-    def init():
-        model = loop.build_model(cfg, num_classes)
-        state, steps["train"], steps["eval"] = loop.build_steps(cfg, model, ocfg, replicated, batch_sharding)
+    def init():  # traced only (jax.eval_shape): nothing is initialised on the CPU
+        state, steps["train"], steps["eval"] = build_steps(initial_model(cfg, num_classes), optim, cfg.seed,
+                                                           replicated, batch_sharding)
         return state
 
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init))
-    batch = loop.batch_spec(cfg, batch_sharding)
+    batch = batch_spec(cfg.batch_size, cfg.image_size, batch_sharding)
     t0 = time.perf_counter()
     train = steps["train"].lower(state, batch).compile()
     evaluate = None if train_only else steps["eval"].lower(state, batch).compile()
@@ -173,9 +175,10 @@ def forward_flops(cfg, num_classes: int) -> dict[str, float]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from train import loop
+    from resnet_flax.conv import conv_policy
+    from train.model_setup import initial_model
 
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: loop.build_model(cfg, num_classes)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: initial_model(cfg, num_classes)))
 
     def forward(state, x):
         model = nnx.merge(graphdef, state)
@@ -183,7 +186,8 @@ def forward_flops(cfg, num_classes: int) -> dict[str, float]:
         return model(x)
 
     image = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    counts = list(_matmul_flops(jax.make_jaxpr(forward)(state, image).jaxpr))
+    with conv_policy("xla"):  # the convolutions a TPU runs (the CPU's matmul form would be counted besides)
+        counts = list(_matmul_flops(jax.make_jaxpr(forward)(state, image).jaxpr))
     return {"dense": float(sum(d for d, _ in counts)), "valid": float(sum(v for _, v in counts)),
             "first_valid": float(counts[0][1])}
 
@@ -331,7 +335,7 @@ def cost(compiled) -> dict[str, float]:
 
 def build_report(cfg, topology: str, devices: Sequence, compiled: Compiled, num_classes: int) -> dict[str, Any]:
     """Everything ``--compile-only`` prints, as plain data (also written to ``--workdir``/compile_only.json)."""
-    from train.loop import PREFETCH_BATCHES
+    from train.mesh import PREFETCH_BATCHES
 
     n = len(devices)
     chip, per_chip = chip_of(devices)
@@ -461,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jax.config.update("jax_platforms", "cpu")  # jax was imported (by the config) before the env was set
     from resnet_flax.io import WeightsError
     from train.data import DataError, count_classes
-    from train.loop import RunError
+    from train.errors import RunError
 
     try:
         devices = topology_devices(cfg.topology)
@@ -474,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(report), flush=True)
     if report["fits"] is False:
         hbm = report["hbm_per_device"]
-        from train.loop import PREFETCH_BATCHES
+        from train.mesh import PREFETCH_BATCHES
 
         def used(b: int) -> float:
             c = compile_steps(dataclasses.replace(cfg, batch_size=b), devices, num_classes, train_only=True)

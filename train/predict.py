@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -11,26 +10,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
+from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError
 from resnet_flax.model import ResNet, ResNetConfig
-
-IMAGENET_CLASSES = Path(__file__).with_name("imagenet_classes.txt")
-
-
-def imagenet_class_names() -> list[str]:
-    return IMAGENET_CLASSES.read_text().splitlines()
+from resnet_flax.weights import imagenet_categories
 
 
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     """The best (else latest) checkpoint of a training workdir, its class names and image size."""
     from train.checkpoint import Checkpoints
-    from train.loop import RUN_FILE
+    from train.run_file import RUN_FILE, read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
-    run = json.loads((workdir / RUN_FILE).read_text())
-    config = ResNetConfig.from_dict(run["model"])
-    tx = make_optimizer(OptimConfig(optimizer=run["flags"]["optimizer"]))
+    try:
+        run = read_run_file(workdir)
+        config = ResNetConfig.from_dict(run["model"])
+        tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
+        names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
+                           "pass the --workdir of a complete run") from None
+    if len(names) != config.num_classes:
+        raise WeightsError(f"{workdir / RUN_FILE} names {len(names)} classes for a {config.num_classes}-class "
+                           "model (damaged?); pass the --workdir of a complete run")
     graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx))
     ckpts = Checkpoints(workdir, async_save=False)
     step = ckpts.best_step() or ckpts.latest_step()
@@ -40,7 +44,7 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     ckpts.close()
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     model.eval()
-    return model, run["class_names"], int(run["flags"]["image_size"])
+    return model, names, size
 
 
 def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
@@ -53,7 +57,7 @@ def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
 
     model = convert.load_model(checkpoint)
     n = model.config.num_classes
-    names = imagenet_class_names() if n == 1000 else [f"class {i}" for i in range(n)]
+    names = list(imagenet_categories()) if n == 1000 else [f"class {i}" for i in range(n)]
     return model, names, 224
 
 
@@ -65,10 +69,17 @@ def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
     for path in images:
         try:
             batch.append(eval_transform(load_image(path), image_size))
-        except (OSError, ValueError) as e:
+        except Image.DecompressionBombError as e:
+            raise WeightsError(f"{path}: refused, the image is too large to decode safely ({e}); "
+                               "pass a smaller image") from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise WeightsError(f"{path}: cannot read the image ({e}); pass a JPEG/PNG file") from None
-    logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(np.stack(batch)))
-    return np.asarray(jax.nn.softmax(logits, axis=-1))
+    logits = inference_fn(model)(jnp.asarray(np.stack(batch)))
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+    if not np.all(np.isfinite(probs)):
+        raise WeightsError("the model's outputs are not finite (NaN/inf): its weights are broken or overflow; "
+                           "use another checkpoint (an earlier step of the run) or weights file")
+    return probs
 
 
 def main(argv: list[str] | None = None) -> int:
