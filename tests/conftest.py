@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# With libtpu installed (the tpu extra) JAX would load it in every process, and the first one takes
+# /tmp/libtpu_lockfile; the tests run on the CPU (the --compile-only children set their own environment).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest

@@ -13,12 +13,12 @@ from train.config import TrainConfig
 from train.data import load_splits, make_loader, steps_per_epoch
 from train.errors import NonFiniteLoss, RunError
 from train.evaluate import evaluate, format_eval
-from train.mesh import make_mesh, prefetch
+from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
 from train.progress import Progress, log
 from train.run_file import RUN_FILE, check_same_run, write_run_file
-from train.steps import OptimConfig, create_train_state, jit_steps, make_optimizer
+from train.steps import OptimConfig, build_steps
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
@@ -28,9 +28,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     splits = load_splits(cfg.dataset, cfg.data_dir, str(cfg.tfds_data_dir) if cfg.tfds_data_dir else None,
                          val_fraction=cfg.val_fraction)
     replicated, batch_sharding = make_mesh()
-    if cfg.batch_size % jax.device_count():
-        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {jax.device_count()} devices; "
-                       f"use a multiple of {jax.device_count()}")
+    check_batch_size(cfg.batch_size, batch_sharding)
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
     if spe == 0 and not cfg.eval_only:
         fits = len(splits.train) // jax.device_count() * jax.device_count()
@@ -38,7 +36,6 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images; {fix}")
     total_steps = cfg.max_steps or cfg.epochs * spe
     optim = OptimConfig.for_run(cfg, total_steps)
-    tx = make_optimizer(optim)
 
     # The model: the workdir's own when resuming, else fresh or --init-from; then state and compiled steps.
     ckpts = None if cfg.eval_only and cfg.init_from else Checkpoints(cfg.workdir, cfg.keep_checkpoints)
@@ -49,10 +46,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         check_same_run(cfg)
     model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
     model_config = model.config
-    graphdef, state = create_train_state(model, tx, cfg.seed)
+    state, train_step, eval_step = build_steps(model, optim, cfg.seed, replicated, batch_sharding)
     del model
     state = jax.device_put(state, replicated)
-    train_step, eval_step = jit_steps(graphdef, tx, optim, replicated, batch_sharding)
 
     position = {"step": 0, "epoch": 0, "batch": 0}
     if resuming:

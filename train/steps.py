@@ -163,12 +163,27 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
 def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
               state_sharding: Any = None, batch_sharding: Any = None
               ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable[[TrainState, Batch], dict]]:
-    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated."""
+    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated.
+
+    The CPU compiler options go only to a CPU compile: a TPU compile from a CPU-only process
+    (``--compile-only``) is decided by the mesh's devices, not by JAX's default backend.
+    """
+    platform = state_sharding.mesh.devices.flat[0].platform if state_sharding is not None else "cpu"
+    cpu = platform == "cpu"
     train = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0,
                     in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
                     out_shardings=(state_sharding, None) if state_sharding is not None else None,
-                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS))
+                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS) if cpu else None)
     evaluate = jax.jit(functools.partial(eval_step, graphdef),
                        in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
-                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))
+                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS) if cpu else None)
     return train, evaluate
+
+
+def build_steps(model: ResNet, cfg: OptimConfig, seed: int, state_sharding: Any, batch_sharding: Any
+                ) -> tuple[TrainState, Callable, Callable]:
+    """(fresh host-side state, train_step, eval_step) of ``model``: what a run and ``--compile-only`` compile."""
+    tx = make_optimizer(cfg)
+    graphdef, state = create_train_state(model, tx, seed)
+    train, evaluate = jit_steps(graphdef, tx, cfg, state_sharding, batch_sharding)
+    return state, train, evaluate
