@@ -25,7 +25,7 @@ from resnet_flax.layers import linear
 from resnet_flax.model import ResNet, ResNetConfig
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.data import Splits, load_splits, make_loader, steps_per_epoch
+from train.data import RunData, Segment, load_splits, run_schedule, steps_per_epoch
 from train.metrics import MetricsLog, plot_curves
 from train.steps import OptimConfig, TrainState, create_train_state, jit_steps, make_optimizer, scaled_lr
 
@@ -94,15 +94,11 @@ def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, 
         yield queue.popleft()
 
 
-def evaluate(evaluate_fn, state: TrainState, splits: Splits, cfg: TrainConfig, sharding: NamedSharding
-             ) -> dict[str, float]:
+def evaluate(evaluate_fn, state: TrainState, data: RunData, sharding: NamedSharding) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) over the whole validation split (padding is masked out)."""
     sums: dict[str, Any] = {}
-    loader = make_loader(splits.val, batch_size=cfg.batch_size, image_size=cfg.image_size, train=False,
-                         seed=cfg.seed, num_workers=cfg.num_workers, process_index=jax.process_index(),
-                         process_count=jax.process_count())
     corrupt = 0
-    for batch, n_bad in prefetch(loader, sharding):
+    for batch, n_bad in prefetch(data.val(), sharding):
         out = evaluate_fn(state, batch)
         sums = out if not sums else jax.tree.map(jnp.add, sums, out)
         corrupt += n_bad
@@ -183,9 +179,13 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             f"(epoch {meta['epoch'] + 1}, batch {meta['batch']})")
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(cfg.workdir, enabled=jax.process_index() == 0)
+    schedule = [Segment("val")] if cfg.eval_only else run_schedule(
+        spe, total_steps, int(meta["step"]), int(meta["epoch"]), int(meta["batch"]), cfg.eval_every_epochs)
+    data = RunData(splits, schedule, batch_size=cfg.batch_size, image_size=cfg.image_size, seed=cfg.seed,
+                   num_workers=cfg.num_workers, process_index=jax.process_index(), process_count=jax.process_count())
     try:
         if cfg.eval_only:
-            result = evaluate(eval_fn, state, splits, cfg, batch_sharding)
+            result = evaluate(eval_fn, state, data, batch_sharding)
             metrics.write({"step": int(meta["step"]), "epoch": int(meta["epoch"]), **result})
             log(format_eval(result))
             return result
@@ -195,9 +195,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "
             f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch {cfg.batch_size}, "
             f"{spe} steps/epoch, {total_steps} steps, peak lr {peak_lr:g}")
-        return train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe, total_steps,
+        return train_loop(cfg, data, state, meta, train_fn, eval_fn, ckpts, metrics, spe, total_steps,
                           batch_sharding)
     finally:
+        data.close()
         metrics.close()
         if ckpts is not None:
             ckpts.wait()
@@ -216,7 +217,7 @@ def format_eval(r: dict[str, float]) -> str:
            f"({r['val_examples']} images)"
 
 
-def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe, total_steps, batch_sharding):
+def train_loop(cfg, data, state, meta, train_fn, eval_fn, ckpts, metrics, spe, total_steps, batch_sharding):
     step, epoch, start_batch = int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
     num_epochs = math.ceil(total_steps / spe)
     last_eval: dict[str, float] = dict(meta.get("metrics") or {})
@@ -246,19 +247,17 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
             record["skipped_images"] = skipped
         metrics.write(record)
         if bar is not None:
+            bar.update(step - bar.n)  # every pending step has finished (device_get above waited for them)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{ips:.0f}")
 
     while epoch < num_epochs and step < total_steps:
-        loader = make_loader(splits.train, batch_size=cfg.batch_size, image_size=cfg.image_size, train=True,
-                             seed=cfg.seed, epoch=epoch, start_batch=start_batch, num_workers=cfg.num_workers,
-                             process_index=jax.process_index(), process_count=jax.process_count())
         batch_idx = start_batch
-        for batch, n_bad in prefetch(loader, batch_sharding):
+        for batch, n_bad in prefetch(data.train(epoch, start_batch), batch_sharding):
             state, m = train_fn(state, batch)
             step, batch_idx, skipped = step + 1, batch_idx + 1, skipped + n_bad
             pending.append(m)
             if bar is not None:
-                bar.update(1)
+                bar.update(finished_steps(step, pending) - bar.n)
             if step % cfg.log_every == 0:
                 flush_metrics(epoch)
             if step % cfg.checkpoint_every == 0 and batch_idx < spe and step < total_steps:
@@ -273,7 +272,7 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
         else:
             start_batch = batch_idx
         if (start_batch == 0 and epoch % cfg.eval_every_epochs == 0) or done:
-            last_eval = evaluate(eval_fn, state, splits, cfg, batch_sharding)
+            last_eval = evaluate(eval_fn, state, data, batch_sharding)
             check_finite_eval(last_eval, step, ckpts)
             if last_eval:
                 metrics.write({"step": step, "epoch": epoch + (start_batch > 0), **last_eval})
@@ -287,6 +286,16 @@ def train_loop(cfg, splits, state, meta, train_fn, eval_fn, ckpts, metrics, spe,
     best = ckpts.best_step()
     log(f"done: {step} steps; checkpoints in {ckpts.directory}" + (f" (best: step {best})" if best else ""))
     return last_eval
+
+
+def finished_steps(step: int, pending: list[dict[str, jax.Array]]) -> int:
+    """Steps whose results are computed: all but the dispatched ones still running (``pending`` is in order)."""
+    running = len(pending)
+    for m in pending:
+        if not m["train_loss"].is_ready():
+            break
+        running -= 1
+    return step - running
 
 
 def check_finite(host_metrics: list[dict[str, Any]], step: int, ckpts: Checkpoints) -> None:
