@@ -90,3 +90,21 @@ def conv_lever_applies(image_size: int) -> bool:
     for kernel, stride, pad in ((7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1)):  # stem, max-pool, layer2, layer3
         size = (size + 2 * pad - kernel) // stride + 1
     return cpu_form(image_size, 3, 7, 2, 3) != "xla" or cpu_form(size, 256, 3, 2, 1) != "xla"
+
+
+# Each lever alone and stacked, for ``--levers``: name -> (modes it applies to, options). The training levers
+# after "ynn-reduce-only" (flax-fast's setting) are stacked on it, so their effect is read against it.
+_FAST_TRAIN_OPTIONS = dict(FLAX_FAST_TRAIN.cpu_compiler_options)
+LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
+    "plain": (("infer", "train"), FLAX_PLAIN),
+    "fold-bn": (("infer",), FlaxOptions(fold_bn=True)),
+    "fast-math": (("infer", "train"), FlaxOptions.with_options(FAST_MATH)),
+    "ynn-off": (("infer", "train"), FlaxOptions.with_options(YNN_OFF)),
+    "ynn-off+fast-math": (("infer",), FlaxOptions.with_options({**YNN_OFF, **FAST_MATH})),
+    "ynn-reduce-only": (("infer", "train"), FlaxOptions.with_options(YNN_REDUCE_ONLY)),
+    "ynn-off+fold-bn": (("infer",), FLAX_FAST_INFER),
+    "ynn-reduce-only+no-donation": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, donate=False)),
+    "ynn-reduce-only+host-round-trip": (("train",),
+                                        FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, host_round_trip=True)),
+    "ynn-reduce-only+xla-conv": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, conv="xla")),
+}

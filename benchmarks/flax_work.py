@@ -98,7 +98,7 @@ def build_infer(case: Case) -> Workload:
 def optim_config() -> steps.OptimConfig:
     """SGD with Nesterov momentum 0.9 and weight decay 1e-4 on kernels: the recipe the PyTorch side mirrors."""
     return steps.OptimConfig(optimizer="sgd", lr=0.1, warmup_steps=0, total_steps=10_000, weight_decay=1e-4,
-                             momentum=0.9, nesterov=True)
+                             momentum=0.9, nesterov=True, label_smoothing=0.0)
 
 
 def build_train(case: Case) -> Workload:

@@ -18,7 +18,7 @@ from convert.reader import detect_format, read_source
 from resnet_flax.io import WeightsError, abstract_model, atomic_write, flat_state, load_flat_state
 from resnet_flax.layers import Dtype
 from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name
-from resnet_flax.weights import WeightsInfo
+from resnet_flax.weights import EvalTransform, WeightsInfo
 
 FLAX_SUFFIX = resnet_flax.io.SUFFIX
 
@@ -156,6 +156,29 @@ def load_model(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.
         return model
     return build_model(read_checkpoint(path, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation),
                        dtype)
+
+
+def load_with_info(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.float32
+                   ) -> tuple[ResNet, WeightsInfo]:
+    """:func:`load_model` plus what the file says about its classes, evaluation transform and source."""
+    path = Path(path)
+    if path.is_file() and detect_format(path) == "flax":
+        return load_model(path, arch=arch, dtype=dtype), WeightsInfo.from_metadata(resnet_flax.io.read_metadata(path))
+    ckpt = read_checkpoint(path, arch=arch)
+    return build_model(ckpt, dtype), ckpt.info
+
+
+def eval_settings(path: str | Path, num_classes: int | None = None) -> tuple[list[str], EvalTransform]:
+    """Class names and evaluation transform for a weights file: what it records, else ImageNet's names for
+    1000 classes and torchvision's resize 256 / crop 224 (used by ``train.predict`` and ``--eval-only``)."""
+    path = Path(path)
+    if path.is_file() and detect_format(path) == "flax":
+        meta = resnet_flax.io.read_metadata(path)
+        info, n = WeightsInfo.from_metadata(meta), resnet_flax.io.header_config(meta, 1 << 30, path).num_classes
+    else:
+        ckpt = read_checkpoint(path)
+        info, n = ckpt.info, ckpt.config.num_classes
+    return info.eval_settings(n if num_classes is None else num_classes)
 
 
 def to_torch_state_dict(model: ResNet) -> OrderedDict[str, Any]:

@@ -28,6 +28,7 @@ from resnet_flax.weights import WeightsInfo, get_weights, weights_info
 
 ENV_HOME = "RESNET_FLAX_HOME"
 CHUNK = 1 << 20
+FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".tar")  # a weights= string naming a file
 
 
 def cache_dir() -> Path:
@@ -87,7 +88,8 @@ def pretrained_model(arch: str | None, weights: Any, *, num_classes: int | None 
     """``arch`` with ``weights``: a registry name/enum/True, ``"hf-hub:org/name"``, ``"org/name"``, or a file."""
     from resnet_flax.model import ARCHS
 
-    if isinstance(weights, str | os.PathLike) and Path(weights).is_file():
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and (Path(weights).exists() or weights.endswith(
+            FILE_SUFFIXES))):
         model = _load_file(Path(weights), arch, dtype, replace_stride_with_dilation)
     elif isinstance(weights, str) and (weights.startswith("hf-hub:") or weights.count("/") == 1):
         model = hf_hub_model(weights, arch=arch, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
@@ -162,7 +164,12 @@ def hf_hub_model(name: str, *, arch: str | None = None, dtype: Dtype = jnp.float
     (``microsoft/resnet-50``) repositories, through ``huggingface_hub`` and its cache; converted once."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+        )
     except ImportError:
         raise WeightsError(f"{name}: loading from the Hugging Face Hub needs huggingface_hub; "
                            "pip install huggingface_hub") from None
@@ -188,6 +195,9 @@ def hf_hub_model(name: str, *, arch: str | None = None, dtype: Dtype = jnp.float
     except LocalEntryNotFoundError:
         raise WeightsError(f"{name}: not in the Hugging Face cache and the Hub cannot be reached (offline: "
                            "HF_HUB_OFFLINE or no network); run once online or copy the cache folder") from None
+    except HFValidationError as e:
+        raise WeightsError(f"{name}: not a Hugging Face repository name ({str(e).splitlines()[0]}); "
+                           "write it as org/name or hf-hub:org/name") from None
     except HfHubHTTPError as e:
         raise WeightsError(f"{name}: the Hugging Face Hub refused ({str(e).splitlines()[0]}); check the name "
                            "(and HF_TOKEN for private repositories)") from None

@@ -1,5 +1,6 @@
 """The run-long input pipeline: one grain iterator per run, uint8 hosts + normalisation on the device, reduced
-JPEG decoding for training crops, in-memory small datasets. Images are generated here."""
+JPEG decoding for training crops, in-memory small datasets.
+Images are generated here."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from PIL import Image
 from train import data
 from train import transforms as tr
 from train.data import RunData, Segment, Splits, run_schedule
-from train.loop import finished_steps
 from train.steps import normalize_images
 
 
@@ -157,17 +157,3 @@ def test_small_folders_are_held_in_memory_and_read_the_same(tmp_path, caplog):
         batches = list(data.make_loader(broken, **{**common, "train": False}))
     assert sum(int(b["corrupt"].sum()) for b in batches) == 1
     assert any(splits.train.paths[0] in r.getMessage() for r in caplog.records)  # named by its path
-
-
-class _Ready:
-    def __init__(self, ready: bool):
-        self.ready = ready
-
-    def is_ready(self) -> bool:
-        return self.ready
-
-
-def test_progress_counts_finished_steps_only():
-    pending = [{"train_loss": _Ready(r)} for r in (True, True, False, True)]
-    assert finished_steps(10, pending) == 8  # pending holds steps 7-10; 9 is running, so 10 is not counted
-    assert finished_steps(10, []) == 10

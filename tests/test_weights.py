@@ -224,3 +224,32 @@ def test_weights_by_name_without_torch(env, r18_file):
     assert server.requests == [f"/{path.name}"]  # the second call needed no network
     first, second = np.load(env / "out.npy")
     assert rel_err(first, ref) < 1e-5 and np.array_equal(first, second)
+
+
+# --- metadata travels into train.predict -------------------------------------------------------------------
+
+def test_predict_uses_what_the_file_records(tmp_path):
+    from PIL import Image
+
+    from convert.core import variable_shapes
+    from resnet_flax.io import abstract_model, load_flat_state
+    from train.predict import load_predictor
+    from train.transforms import eval_transform
+
+    config = resnet_flax.arch_config("resnet18", num_classes=3)
+    zeros = {k: np.zeros(shape, np.float32) for k, shape in variable_shapes(config).items()}  # no slow random init
+    model = load_flat_state(abstract_model(config), zeros)
+    t = W.EvalTransform(crop_size=40, resize_size=48, interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+                        std=(0.25, 0.25, 0.25))
+    info = W.WeightsInfo(class_names=["cat", "dog", "fox"], transform=t, source="test")
+    resnet_flax.save(model, tmp_path / "m.flax.safetensors", extra_metadata=info.to_metadata())
+    _, names, got = load_predictor(tmp_path / "m.flax.safetensors")
+    assert names == ["cat", "dog", "fox"] and got == t
+    names, got = W.WeightsInfo().eval_settings(1000)  # nothing recorded: ImageNet's names, 256/224
+    assert names[:2] == ["tench", "goldfish"] and got == W.EvalTransform(224, 256)
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    img.save(tmp_path / "a.png")
+    x = eval_transform(img, 40, 48, interpolation="bicubic", mean=t.mean, std=t.std)
+    ref = (np.asarray(img.resize((64, 48), Image.BICUBIC))[4:44, 12:52] / np.float32(255) - 0.5) / 0.25
+    np.testing.assert_allclose(x, ref, atol=1e-6)

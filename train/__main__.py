@@ -10,11 +10,16 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import parse_config
 
     cfg = parse_config(argv)
+    if cfg.compile_only:  # in a child process: libtpu stays out of this one
+        from train.compile_only import run_isolated
+
+        return run_isolated(sys.argv[1:] if argv is None else argv, cfg.topology)
     from resnet_flax.io import WeightsError
     from train.checkpoint import CheckpointWriteError
     from train.data import DataError
+    from train.errors import NonFiniteLoss, RunError
     from train.lock import WorkdirError, workdir_lock
-    from train.loop import NonFiniteLoss, RunError, run
+    from train.loop import run
 
     try:
         # Multi-host runs share the workdir across machines, where a lock file would be shared too: unlocked.

@@ -1,59 +1,98 @@
-"""The training configuration (a typed dataclass) and the command line that fills it."""
+"""The training configuration: one typed dataclass whose fields declare each flag's default and help once."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from pathlib import Path
+from typing import Any
 
 from resnet_flax.model import ARCHS
 
 DEFAULT_ARCH = "resnet34"
+GROUPS = ("model", "data", "optimisation", "run", "tpu sizing")
+
+
+def flag(default: Any, help: str, group: str, *, metavar: str | None = None, choices: list[str] | None = None,
+         default_text: str | None = None) -> Any:
+    """A :class:`TrainConfig` field with its command-line flag: ``--name-with-dashes`` (``--no-name`` if True).
+
+    The help gains "(default: X)" unless the default is None, a bool, or ``default_text`` already says it.
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "group": group, "metavar": metavar, "choices": choices, "default_text": default_text})
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Every knob of a training run; ``python -m train --help`` documents each."""
 
-    arch: str | None = None  # None: DEFAULT_ARCH, or the architecture of --init-from
-    dataset: str = "tf_flowers"
-    data_dir: Path | None = None
-    tfds_data_dir: Path | None = None
-    image_size: int = 224
-    batch_size: int = 128
-    epochs: int = 30
-    max_steps: int | None = None
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    lr_scaling: str = "linear"
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    label_smoothing: float = 0.1
-    dtype: str = "float32"
-    workdir: Path = Path("workdir")
-    resume: bool = False
-    init_from: Path | None = None
-    eval_only: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    eval_every_epochs: int = 1
-    val_fraction: float = 0.2
-    zero_init_residual: bool = False
-    distributed: bool = False
-    progress: bool = True
+    # model
+    arch: str | None = flag(None, "architecture: " + ", ".join(ARCHS), "model", metavar="NAME", choices=list(ARCHS),
+                            default_text=f"{DEFAULT_ARCH}, or that of --init-from")
+    init_from: Path | None = flag(None, "start from weights: a PyTorch .pth/.pt/.safetensors/TorchScript file or a "
+                                        "converted .flax.safetensors; a head of another size is re-initialised",
+                                  "model", metavar="PATH")
+    dtype: str = flag("float32", "compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs", "model",
+                      choices=["float32", "bfloat16"])
+    zero_init_residual: bool = flag(False, "zero the last BN scale of each block", "model")
+    # data
+    dataset: str = flag("tf_flowers", "TFDS name (tf_flowers, imagenette, imagenet2012, cifar10, ...) or "
+                                      "'synthetic'", "data", metavar="NAME")
+    data_dir: Path | None = flag(None, "a folder of images with one sub-folder per class (overrides --dataset)",
+                                 "data", metavar="PATH")
+    tfds_data_dir: Path | None = flag(None, "where TFDS keeps prepared datasets", "data", metavar="PATH")
+    val_fraction: float = flag(0.2, "held-out fraction when the data has no validation split", "data", metavar="X")
+    image_size: int = flag(224, "training crop size; evaluation resizes to PX*256/224 then centre-crops PX",
+                           "data", metavar="PX")
+    num_workers: int = flag(2, "data loader processes per host (0: in the main process)", "data", metavar="N")
+    # optimisation
+    batch_size: int = flag(128, "global batch size, split over all devices and hosts", "optimisation", metavar="N")
+    epochs: int = flag(30, "passes over the training data", "optimisation", metavar="N")
+    max_steps: int | None = flag(None, "stop after N steps in all (overrides --epochs)", "optimisation",
+                                 metavar="N")
+    optimizer: str = flag("adamw", "optimizer", "optimisation", choices=["sgd", "adamw"])
+    lr: float = flag(1e-4, "peak learning rate at batch size 256 (scaled by --lr-scaling)", "optimisation",
+                     metavar="X")
+    lr_scaling: str = flag("linear", "linear: peak lr = LR * batch_size / 256", "optimisation",
+                           choices=["linear", "none"])
+    warmup_steps: int = flag(20, "linear warm-up steps before the cosine decay", "optimisation", metavar="N")
+    weight_decay: float = flag(0.05, "decoupled weight decay on conv/linear kernels (never BatchNorm or biases)",
+                               "optimisation", metavar="X")
+    momentum: float = flag(0.9, "SGD momentum", "optimisation", metavar="X")
+    nesterov: bool = flag(True, "plain (not Nesterov) SGD momentum", "optimisation")
+    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy targets", "optimisation", metavar="X")
+    seed: int = flag(0, "seed for init, shuffling, augmentation", "optimisation", metavar="N")
+    # run
+    workdir: Path = flag(Path("workdir"), "checkpoints, metrics.jsonl, TensorBoard events and the plot go here",
+                         "run", metavar="DIR")
+    resume: bool = flag(False, "require a checkpoint in --workdir and continue from it (rerunning resumes anyway)",
+                        "run")
+    eval_only: bool = flag(False, "evaluate (--init-from or the workdir's best) and exit", "run")
+    log_every: int = flag(10, "log training metrics every N steps", "run", metavar="N")
+    checkpoint_every: int = flag(500, "checkpoint every N steps (and at each epoch end)", "run", metavar="N")
+    keep_checkpoints: int = flag(3, "keep the last K checkpoints (plus the best by validation top-1)", "run",
+                                 metavar="K")
+    eval_every_epochs: int = flag(1, "evaluate every N epochs (and after the last)", "run", metavar="N")
+    distributed: bool = flag(False, "multi-host: call jax.distributed.initialize() (TPU pods, SLURM/GPU clusters)",
+                             "run")
+    progress: bool = flag(True, "no progress bar", "run")
+    # sizing for a TPU, without one
+    compile_only: bool = flag(False, "compile the run's train/eval steps for --topology and print memory per chip vs "
+                                     "HBM, FLOPs, the roofline images/s and the collectives; trains nothing (needs "
+                                     "the tpu extra)", "tpu sizing")
+    topology: str | None = flag(None, "TPU topology for --compile-only: v5e:2x4, v6e:2x4, v5p:2x2x1, v4:2x2x1, "
+                                      "v5e:16x16 (64 hosts), ...", "tpu sizing", metavar="NAME")
+
+    def __post_init__(self):
+        for name in ("workdir", "data_dir", "tfds_data_dir", "init_from"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, Path(getattr(self, name)))
 
     @property
     def resolved_arch(self) -> str:
         return self.arch or DEFAULT_ARCH
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 DESCRIPTION = """\
@@ -73,68 +112,22 @@ The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tb/) and curv
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m train`` command line."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION, formatter_class=_Formatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list(ARCHS), metavar="NAME", default=None,
-                   help=f"architecture: {', '.join(ARCHS)} (default {DEFAULT_ARCH}, or that of --init-from)")
-    g.add_argument("--init-from", type=Path, metavar="PATH",
-                   help="start from weights: a PyTorch .pth/.pt/.safetensors/TorchScript file or a converted "
-                        ".flax.safetensors; a head of another size is re-initialised")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=d.dtype,
-                   help="compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs")
-    g.add_argument("--zero-init-residual", action="store_true", help="zero the last BN scale of each block")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, metavar="NAME",
-                   help="TFDS name (tf_flowers, imagenette, imagenet2012, cifar10, ...) or 'synthetic'")
-    g.add_argument("--data-dir", type=Path, metavar="PATH",
-                   help="a folder of images with one sub-folder per class (overrides --dataset)")
-    g.add_argument("--tfds-data-dir", type=Path, metavar="PATH", help="where TFDS keeps prepared datasets")
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="held-out fraction when the data has no validation split")
-    g.add_argument("--image-size", type=int, default=d.image_size, metavar="PX",
-                   help="training crop size; evaluation resizes to PX*256/224 then centre-crops PX")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, metavar="N",
-                   help="data loader processes per host (0: in the main process)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
-                   help="global batch size, split over all devices and hosts")
-    g.add_argument("--epochs", type=int, default=d.epochs, metavar="N", help="passes over the training data")
-    g.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps in all (overrides --epochs)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer, help="optimizer")
-    g.add_argument("--lr", type=float, default=d.lr, metavar="X",
-                   help="peak learning rate at batch size 256 (scaled by --lr-scaling)")
-    g.add_argument("--lr-scaling", choices=["linear", "none"], default=d.lr_scaling,
-                   help="linear: peak lr = LR * batch_size / 256")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, metavar="N",
-                   help="linear warm-up steps before the cosine decay")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, metavar="X",
-                   help="decoupled weight decay on conv/linear kernels (never BatchNorm or biases)")
-    g.add_argument("--momentum", type=float, default=d.momentum, metavar="X", help="SGD momentum")
-    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain (not Nesterov) momentum")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, metavar="X",
-                   help="label smoothing of the cross-entropy targets")
-    g.add_argument("--seed", type=int, default=d.seed, metavar="N", help="seed for init, shuffling, augmentation")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--workdir", type=Path, default=d.workdir, metavar="DIR",
-                   help="checkpoints, metrics.jsonl, TensorBoard events and the plot go here")
-    g.add_argument("--resume", action="store_true",
-                   help="require a checkpoint in --workdir and continue from it (rerunning resumes anyway)")
-    g.add_argument("--eval-only", action="store_true", help="evaluate (--init-from or the workdir's best) and exit")
-    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="log training metrics every N steps")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                   help="checkpoint every N steps (and at each epoch end)")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, metavar="K",
-                   help="keep the last K checkpoints (plus the best by validation top-1)")
-    g.add_argument("--eval-every-epochs", type=int, default=d.eval_every_epochs, metavar="N",
-                   help="evaluate every N epochs (and after the last)")
-    g.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() (TPU pods, SLURM/GPU clusters)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    """The ``python -m train`` command line, generated from the fields of :class:`TrainConfig`."""
+    p = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        m, name = f.metadata, f.name.replace("_", "-")
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        if kind is bool:
+            groups[m["group"]].add_argument(f"--no-{name}" if f.default else f"--{name}", dest=f.name,
+                                            action="store_false" if f.default else "store_true", help=m["help"])
+            continue
+        shown = m["default_text"] or (None if f.default is None else str(f.default))
+        groups[m["group"]].add_argument(f"--{name}", type=kind, default=f.default, choices=m["choices"],
+                                        metavar=m["metavar"],
+                                        help=m["help"] + (f" (default: {shown})" if shown else ""))
     return p
 
 
@@ -150,6 +143,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         p.error("--max-steps must be at least 1")
     if not 0 <= cfg.label_smoothing < 1:
         p.error("--label-smoothing must be in [0, 1)")
+    if cfg.compile_only != (cfg.topology is not None):
+        p.error("--compile-only and --topology NAME go together (e.g. --compile-only --topology v5e:2x4)")
     if cfg.eval_only and cfg.init_from is None and not (cfg.workdir / "checkpoints").is_dir():
         p.error("--eval-only needs --init-from PATH or a --workdir with checkpoints")
     return cfg

@@ -192,6 +192,17 @@ def load_splits(
     return _tfds_splits(dataset, tfds_data_dir, val_fraction)
 
 
+def count_classes(dataset: str = "tf_flowers", data_dir: str | os.PathLike | None = None,
+                  tfds_data_dir: str | None = None) -> int:
+    """The class count of what :func:`load_splits` opens, from metadata alone: no image read or downloaded."""
+    if data_dir is not None or dataset == "synthetic":
+        return load_splits(dataset, data_dir).num_classes  # lists files or makes nothing: cheap
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(tfds, dataset, tfds_data_dir)
+    return builder.info.features[_tfds_keys(builder, dataset)[1]].num_classes
+
+
 def _synthetic_splits(size: int, num_classes: int, val_fraction: float) -> Splits:
     """Synthetic train/val splits with different seeds so val images are not train images."""
     if size < 1 or num_classes < 1:

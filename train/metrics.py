@@ -1,14 +1,19 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard events, and a PNG of the curves."""
+"""Where training metrics go: metrics.jsonl, TensorBoard events, the progress bar, and a PNG of the curves."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+
 from resnet_flax.io import atomic_write
+from train.progress import Progress
 
 
 class MetricsLog:
@@ -78,3 +83,35 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return out
+
+
+class TrainLog:
+    """Each step's metrics stay on the device until :meth:`flush` fetches and averages them in one transfer."""
+
+    def __init__(self, metrics: MetricsLog, progress: Progress, batch_size: int, step: int):
+        self.metrics, self.progress, self.batch_size = metrics, progress, batch_size
+        self.pending: list[dict[str, Any]] = []
+        self.t_last, self.step_last = time.perf_counter(), step
+
+    def add(self, step_metrics: dict[str, Any]) -> None:
+        self.pending.append(step_metrics)
+
+    def flush(self, step: int, epoch: int, skipped: int) -> list[dict[str, Any]]:
+        """Write the mean of the pending steps' metrics (unless one is not finite); returns each step's metrics."""
+        if not self.pending:
+            return []
+        host, self.pending = jax.device_get(self.pending), []
+        loss = float(np.mean([m["train_loss"] for m in host]))
+        if not (math.isfinite(loss) and all(bool(m["state_finite"]) for m in host)):
+            return host
+        now = time.perf_counter()
+        ips = (step - self.step_last) * self.batch_size / max(now - self.t_last, 1e-9)
+        self.t_last, self.step_last = now, step
+        record = {"step": step, "epoch": epoch + 1, "train_loss": loss, "lr": float(host[-1]["lr"]),
+                  "train_top1": 100 * float(np.mean([m["train_top1"] for m in host])),
+                  "grad_norm": float(host[-1]["grad_norm"]), "images_per_sec": ips}
+        if skipped:
+            record["skipped_images"] = skipped
+        self.metrics.write(record)
+        self.progress.show(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{ips:.0f}")
+        return host

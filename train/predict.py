@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,19 +15,19 @@ from PIL import Image
 from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError
 from resnet_flax.model import ResNet, ResNetConfig
-from resnet_flax.weights import imagenet_categories
+from resnet_flax.weights import EvalTransform
 
 
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     """The best (else latest) checkpoint of a training workdir, its class names and image size."""
     from train.checkpoint import Checkpoints
-    from train.loop import RUN_FILE
+    from train.run_file import RUN_FILE, read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
     try:
-        run = json.loads((workdir / RUN_FILE).read_text())
+        run = read_run_file(workdir)
         config = ResNetConfig.from_dict(run["model"])
-        tx = make_optimizer(OptimConfig(optimizer=run["flags"]["optimizer"]))
+        tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
         names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
@@ -48,28 +47,31 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     return model, names, size
 
 
-def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
-    """(model, class names, image size) from a workdir, a converted file or a PyTorch checkpoint."""
-    if checkpoint.is_dir():
+def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int | EvalTransform]:
+    """(model, class names, image size or the eval transform the file records) from a workdir, a converted file
+    or a PyTorch checkpoint."""
+    if checkpoint.is_dir() and not (checkpoint / "config.json").exists():
         if not (checkpoint / "run.json").exists():
             raise WeightsError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
     import convert
 
-    model = convert.load_model(checkpoint)
-    n = model.config.num_classes
-    names = list(imagenet_categories()) if n == 1000 else [f"class {i}" for i in range(n)]
-    return model, names, 224
+    model, info = convert.load_with_info(checkpoint)
+    names, transform = info.eval_settings(model.config.num_classes)
+    return model, names, transform
 
 
-def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
-    """Softmax probabilities for each image file, with torchvision's evaluation transform."""
+def predict(model: ResNet, images: list[Path], image_size: int | EvalTransform) -> np.ndarray:
+    """Softmax probabilities for each image file, with torchvision's evaluation transform (or the given one)."""
     from train.transforms import eval_transform, load_image
 
+    t = image_size if isinstance(image_size, EvalTransform) else None
+    kw = {"interpolation": t.interpolation, "mean": t.mean, "std": t.std} if t else {}
     batch = []
     for path in images:
         try:
-            batch.append(eval_transform(load_image(path), image_size))
+            batch.append(eval_transform(load_image(path), t.crop_size if t else image_size,
+                                        t.resize_size if t else None, **kw))
         except Image.DecompressionBombError as e:
             raise WeightsError(f"{path}: refused, the image is too large to decode safely ({e}); "
                                "pass a smaller image") from None
@@ -89,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a training --workdir (best checkpoint), a .flax.safetensors or a PyTorch checkpoint "
-                        "(1000 classes: ImageNet names)")
+                        "(class names and eval transform as the file records them; else ImageNet's for 1000 classes)")
     p.add_argument("--top-k", type=int, default=5, help="how many classes to print")
-    p.add_argument("--image-size", type=int, help="crop size (default: the run's, or 224)")
+    p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
+                                                  "records, or 224)")
     args = p.parse_args(argv)
     try:
         for path in args.images:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
+from train.config import TrainConfig
 from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Batch = dict[str, jax.Array]
@@ -37,16 +38,27 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The optimisation recipe; ``lr`` is the peak learning rate after batch-size scaling."""
+    """The optimisation recipe; ``lr`` is the peak learning rate after batch-size scaling.
 
-    optimizer: str = "adamw"  # "sgd" | "adamw"
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    total_steps: int = 1000
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    label_smoothing: float = 0.0
+    Defaults are the command line's (:class:`TrainConfig`); ``total_steps`` has none, it depends on the data.
+    """
+
+    total_steps: int
+    optimizer: str = TrainConfig.optimizer  # "sgd" | "adamw"
+    lr: float = TrainConfig.lr
+    warmup_steps: int = TrainConfig.warmup_steps
+    weight_decay: float = TrainConfig.weight_decay
+    momentum: float = TrainConfig.momentum
+    nesterov: bool = TrainConfig.nesterov
+    label_smoothing: float = TrainConfig.label_smoothing
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, total_steps: int) -> OptimConfig:
+        """The recipe of a run's flags, with ``--lr`` scaled by ``--lr-scaling`` to the global batch."""
+        return cls(total_steps=total_steps, optimizer=cfg.optimizer,
+                   lr=scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr,
+                   warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                   nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
@@ -163,12 +175,27 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
 def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
               state_sharding: Any = None, batch_sharding: Any = None
               ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable[[TrainState, Batch], dict]]:
-    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated."""
+    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated.
+
+    The CPU compiler options go only to a CPU compile: a TPU compile from a CPU-only process
+    (``--compile-only``) is decided by the mesh's devices, not by JAX's default backend.
+    """
+    platform = state_sharding.mesh.devices.flat[0].platform if state_sharding is not None else "cpu"
+    cpu = platform == "cpu"
     train = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0,
                     in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
                     out_shardings=(state_sharding, None) if state_sharding is not None else None,
-                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS))
+                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS) if cpu else None)
     evaluate = jax.jit(functools.partial(eval_step, graphdef),
                        in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
-                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))
+                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS) if cpu else None)
     return train, evaluate
+
+
+def build_steps(model: ResNet, cfg: OptimConfig, seed: int, state_sharding: Any, batch_sharding: Any
+                ) -> tuple[TrainState, Callable, Callable]:
+    """(fresh host-side state, train_step, eval_step) of ``model``: what a run and ``--compile-only`` compile."""
+    tx = make_optimizer(cfg)
+    graphdef, state = create_train_state(model, tx, seed)
+    train, evaluate = jit_steps(graphdef, tx, cfg, state_sharding, batch_sharding)
+    return state, train, evaluate

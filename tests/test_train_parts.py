@@ -1,0 +1,85 @@
+"""The training command's parts on their own: flags declared once, --help, the progress bar."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+
+from train.config import TrainConfig, build_parser, parse_config
+from train.steps import OptimConfig
+
+
+def test_every_flag_default_is_the_dataclass_default():
+    assert parse_config([]) == TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert dests == fields
+
+
+def test_optim_config_defaults_are_the_command_lines():
+    cfg, optim = TrainConfig(lr_scaling="none"), OptimConfig.for_run(TrainConfig(lr_scaling="none"), 100)
+    assert OptimConfig(total_steps=100) == optim
+    for name in ("optimizer", "lr", "warmup_steps", "weight_decay", "momentum", "nesterov", "label_smoothing"):
+        assert getattr(optim, name) == getattr(cfg, name), name
+    assert OptimConfig.for_run(TrainConfig(lr=0.1, batch_size=512), 1).lr == pytest.approx(0.2)
+
+
+def test_help_shows_each_default_once_and_no_placeholders():
+    help_text = build_parser().format_help()
+    assert "(default: None)" not in help_text and "(default: True)" not in help_text
+    assert "(default: False)" not in help_text
+    for line in help_text.splitlines():
+        assert line.count("default") <= 1, line
+    flags = [a for a in build_parser()._actions if a.option_strings and a.nargs != 0]
+    for a in flags:  # a placeholder says what to write (N, PATH, X, ...), never the flag's name in capitals
+        assert a.metavar or a.choices, a.option_strings
+        assert a.metavar != a.dest.upper()
+
+
+class FakeOutput:
+    """Stands for a step's device output: ready once the test says the step finished."""
+
+    def __init__(self):
+        self.ready = False
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+
+def test_progress_counts_finished_steps_not_queued(monkeypatch):
+    from train import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod.jax.tree, "leaves", lambda x: [x])
+    monkeypatch.setattr(progress_mod.jax, "block_until_ready", lambda x: setattr(x, "ready", True))
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    bar = progress_mod.Progress(total=10, initial=2)
+    outs = [FakeOutput() for _ in range(4)]
+    for i, out in enumerate(outs):
+        bar.step_queued(3 + i, out)
+    assert bar.bar.n == 2  # four steps queued, none finished
+    outs[0].ready = outs[1].ready = True
+    bar.show(loss="1.0")
+    assert bar.bar.n == 4
+    outs[3].ready = True  # finished out of order: step 5 is still running, so 6 is not counted yet
+    bar.show(loss="1.0")
+    assert bar.bar.n == 4
+    bar.close()  # waits for the rest
+    assert bar.bar is None and all(o.ready for o in outs)
+
+
+def test_log_lines_print_above_the_bar(capsys):
+    import jax.numpy as jnp
+
+    from train.progress import Progress, log
+
+    bar = Progress(total=5)
+    bar.step_queued(1, jnp.zeros(()))
+    drawn = capsys.readouterr().err
+    log("epoch 1/1 step 1: val loss 1.0")
+    out, err = capsys.readouterr()
+    bar.close()
+    assert "1/5" in drawn and out == "epoch 1/1 step 1: val loss 1.0\n"
+    cleared, redrawn = err.split("\r")[1], err.split("\r")[-1]
+    assert cleared.strip() == "" and len(cleared) > 10 and "1/5" in redrawn  # the bar's line blanked, then redrawn

@@ -1,0 +1,11 @@
+"""The training command's errors: each message is one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class RunError(Exception):
+    """A problem with the run's inputs; the message is one line that names the fix."""
+
+
+class NonFiniteLoss(RunError):
+    """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
