@@ -22,9 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = _Parser(
         prog="python -m convert",
-        description="Convert a torchvision-style ResNet checkpoint (.pth/.pt saved with torch.save, a TorchScript "
-                    "archive, or .safetensors) into a resnet_flax weights file, or a converted .flax.safetensors "
-                    "file back into a PyTorch state dict. The architecture is read off the tensors.",
+        description="Convert a torchvision-style or timm ResNet checkpoint (.pth/.pt saved with torch.save, a "
+                    "TorchScript archive, or .safetensors) into a resnet_flax weights file, or a converted "
+                    ".flax.safetensors file back into a PyTorch state dict. The architecture is read off the tensors.",
     )
     p.add_argument("src", type=Path, help="checkpoint to convert")
     p.add_argument("--out", type=Path, help="output path (default: next to SRC, as NAME.flax.safetensors, "
@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dilation", default="0,0,0", metavar="B,B,B",
                    help="replace_stride_with_dilation for layer2..4 as 0/1 flags (not visible in the weights)")
     p.add_argument("--verify", action="store_true",
-                   help="run torchvision and the Flax model on one random batch and print the max difference")
+                   help="run torchvision (timm for ResNet-D/T and SE models) and the Flax model on one random batch "
+                        "and print the max difference")
     p.add_argument("--verify-size", type=int, default=224, metavar="PX", help="image size for --verify")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -104,6 +105,8 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
 
     ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation,
                                 allow_nonfinite=args.allow_nonfinite)
+    if args.verify:
+        core.require_reference(ckpt.config)
     model = core.build_model(ckpt)
     meta = {"source": src.name, "arch": ckpt.arch}
     resnet_flax.save(model, out, extra_metadata=meta, exclusive=not args.overwrite)
