@@ -36,6 +36,15 @@ def normalize_key(key: str) -> str:
     return ".".join(parts)
 
 
+STEM_KEYS = ("conv1.weight", "conv1.0.weight")  # torchvision's 7x7 stem conv; the first conv of timm's deep stem
+
+
+def stem_prefixes(sd: dict[str, np.ndarray]) -> list[str]:
+    """What precedes each stem conv among the (normalised) keys: ``["module."]`` for a DataParallel save."""
+    return [k[: -len(stem)] for k in sd for stem in STEM_KEYS
+            if k.endswith(stem) and "layer" not in k and np.ndim(sd[k]) == 4]
+
+
 def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Torchvision spellings, with any wrapper prefix (``module.``, ``model.``, ``backbone.`` ...) removed.
 
@@ -43,8 +52,7 @@ def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     that they are reported as unexpected rather than silently dropped.
     """
     sd = {normalize_key(k): v for k, v in sd.items()}
-    stems = [k[: -len(stem)] for k in sd for stem in ("conv1.weight", "conv1.0.weight")
-             if k.endswith(stem) and "layer" not in k and np.ndim(sd[k]) == 4]
+    stems = stem_prefixes(sd)
     if len(stems) != 1:
         found = ", ".join(sorted(stems)) if stems else "none"
         raise WeightsError("not a ResNet state dict: expected one stem 'conv1.weight' (or deep stem "
