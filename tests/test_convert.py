@@ -514,3 +514,19 @@ def test_timm_checkpoints_that_cannot_be_mapped_are_named(tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and expect in err, (name, err)
         assert "not a ResNet" not in err
         assert not (tmp_path / f"{name}.flax.safetensors").exists()
+
+
+@pytest.mark.parametrize("first_byte", [0x80, 0x28])  # header lengths are padded to 8: '}' and ']' cannot occur
+def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path, first_byte):
+    """A safetensors header length whose low byte is a pickle opcode (0x80 PROTO, '(' MARK) is still safetensors."""
+    from safetensors.numpy import save_file
+
+    from convert.reader import detect_format
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(300):
+        save_file({"w": np.zeros(1, np.float32)}, str(path), metadata={"p": "x" * pad})
+        if path.read_bytes()[0] == first_byte:
+            break
+    assert path.read_bytes()[0] == first_byte
+    assert detect_format(path) == "safetensors"
