@@ -111,6 +111,10 @@ def fold_batchnorm(model: ResNet) -> tuple[ApplyFn, FoldedParams]:
     ``apply_fn(params, x)`` takes NHWC images like ``model(x)`` and returns float32 logits; jit it yourself.
     The model is read, never modified; its running statistics are what get folded in.
     """
+    c = model.config
+    timm_options = [name for name, on in (("deep stem", c.stem_type), ("avg_down", c.avg_down), ("se", c.se)) if on]
+    if timm_options:
+        raise ValueError(f"fold_batchnorm does not fold timm's {', '.join(timm_options)}; run the model itself")
     stem_params, stem_spec = fold_conv_bn(model.conv1, model.bn1)
     blocks = [blk for name in ("layer1", "layer2", "layer3", "layer4") for blk in getattr(model, name)]
     folded = [_fold_block(blk) for blk in blocks]

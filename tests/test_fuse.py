@@ -102,3 +102,9 @@ def test_cpu_compiler_options_compile_and_keep_the_logits():
     apply_fn, params = fold_batchnorm(model)
     got = jax.jit(apply_fn, compiler_options=CPU_COMPILER_OPTIONS)(params, x)
     assert rel_err(got, eval_logits(model, x)) < 1e-5
+
+
+def test_timm_options_are_refused_by_name():
+    model = abstract_model(resnet_flax.arch_config("resnet10t"))
+    with pytest.raises(ValueError, match="does not fold timm's deep stem, avg_down; run the model itself"):
+        fold_batchnorm(model)
