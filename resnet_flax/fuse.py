@@ -105,6 +105,10 @@ def fold_batchnorm(model: ResNet) -> tuple[ApplyFn, FoldedParams]:
     ``apply_fn(params, x)`` takes NHWC images like ``model(x)`` and returns float32 logits; jit it yourself.
     The model is read, never modified; its running statistics are what get folded in.
     """
+    c = model.config
+    timm_options = [name for name, on in (("deep stem", c.stem_type), ("avg_down", c.avg_down), ("se", c.se)) if on]
+    if timm_options:
+        raise ValueError(f"fold_batchnorm does not fold timm's {', '.join(timm_options)}; run the model itself")
     stem_params, stem_spec = fold_conv_bn(model.conv1, model.bn1)
     blocks = [blk for name in ("layer1", "layer2", "layer3", "layer4") for blk in getattr(model, name)]
     folded = [_fold_block(blk) for blk in blocks]
@@ -155,6 +159,13 @@ def inference_fn(model: ResNet) -> Callable[[jax.Array], jax.Array]:
     again) and jit-compiled with the backend's inference options (``CPU_EVAL_OPTIONS`` on CPU). Takes NHWC
     images like ``model(x)``, returns float32 logits equal to ``model.eval()(x)`` to float32 rounding.
     """
+    options = cpu_compiler_options(CPU_EVAL_OPTIONS)
+    c = model.config
+    if c.stem_type or c.avg_down or c.se or model.fc is None:  # not foldable: the eval-mode model itself
+        snapshot = nnx.clone(model)
+        snapshot.eval()
+        graphdef, state = nnx.split(snapshot)
+        jitted = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x), compiler_options=options)
+        return functools.partial(jitted, state)
     apply_fn, params = fold_batchnorm(model)
-    jitted = jax.jit(apply_fn, compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))
-    return functools.partial(jitted, params)
+    return functools.partial(jax.jit(apply_fn, compiler_options=options), params)

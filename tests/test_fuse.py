@@ -114,3 +114,26 @@ def test_inference_fn_is_the_folded_eval_forward_and_reads_the_model_once():
     model.fc.bias[...] = model.fc.bias[...] + 1.0  # later changes to the model are not seen: call it again
     assert rel_err(forward(x), expected) < 1e-5
     assert rel_err(resnet_flax.inference_fn(model)(x), expected + 1.0) < 1e-5
+
+
+def test_timm_options_are_refused_by_name():
+    model = abstract_model(resnet_flax.arch_config("resnet10t"))
+    with pytest.raises(ValueError, match="does not fold timm's deep stem, avg_down; run the model itself"):
+        fold_batchnorm(model)
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "seresnet50"])
+def test_inference_fn_runs_models_it_cannot_fold(name):
+    """timm's options are not folded: inference_fn then compiles the eval-mode model itself (predict uses it)."""
+    from resnet_flax.conv import CPU_EVAL_OPTIONS, cpu_compiler_options
+
+    model = random_model(resnet_flax.arch_config(name, num_classes=10), seed=3)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 32, 32, 3)), jnp.float32)
+    graphdef, state = nnx.split(model)
+    # The same program under the same options: equal to the eval model bit for bit (what the options change
+    # numerically is held by test_cpu_compiler_options_compile_and_agree).
+    expected = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x),
+                                  compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))(state, x))
+    forward = resnet_flax.inference_fn(model)
+    model.fc.bias[...] = model.fc.bias[...] + 1.0  # a snapshot, like the folded path
+    np.testing.assert_array_equal(np.asarray(forward(x)), expected)

@@ -229,3 +229,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                  "--lr", "--warmup-steps", "--weight-decay", "--label-smoothing", "--dtype", "--workdir",
                  "--resume", "--init-from", "--seed", "--eval-only"):
         assert flag in help_text
+
+
+def test_timm_variant_trains_and_evaluates_a_timm_checkpoint(folder, tmp_path, capsys):
+    """--arch takes timm's names; --init-from takes a timm checkpoint of one (structure read off the tensors)."""
+    import timm
+    import torch
+
+    args = [a for a in SMALL if a not in ("--arch", "resnet18")]
+    code = train_main([*args, "--arch", "resnet10t", "--data-dir", str(folder), "--max-steps", "2", "--log-every", "1",
+                       "--workdir", str(tmp_path / "wd")])
+    assert code == 0, capsys.readouterr().err
+    assert len(losses(tmp_path / "wd")) == 2 and all(np.isfinite(v) for v in losses(tmp_path / "wd").values())
+    model, _, _ = load_from_workdir(tmp_path / "wd")
+    assert model.config == resnet_flax.arch_config("resnet10t", num_classes=3)
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=3).state_dict(), tmp_path / "t.pth")
+    code = train_main([*args, "--arch", "resnet10t", "--data-dir", str(folder), "--init-from", str(tmp_path / "t.pth"),
+                       "--eval-only", "--workdir", str(tmp_path / "ev")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "top-1" in out
