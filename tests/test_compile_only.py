@@ -58,7 +58,8 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
     assert "fits" in stdout and "roofline" in stdout and not stderr.strip()  # libtpu kept quiet
 
     # XLA counts taps on the zero padding out, as the analytic count does; it also counts the elementwise
-    # work (BatchNorm, ReLU, loss, AdamW) that 3 x conv+fc leaves out: measured +3.1 % at 16 images a device.
+    # work (BatchNorm, ReLU, loss, AdamW) that 3 x conv+fc leaves out: measured +4.1 % at 16 images a device
+    # (deterministic: the same compile gives the same count; +5.7 % at 8 a device, the AdamW share doubling).
     excess = report["flops_per_image"] / report["analytic_flops_per_image"] - 1
     assert 0 <= excess < 0.05, excess
 
