@@ -76,6 +76,7 @@ def test_log_lines_print_above_the_bar(capsys):
 
     bar = Progress(total=5)
     bar.step_queued(1, jnp.zeros(()))
+    bar.bar.refresh()  # tqdm redraws at most every 0.1 s by itself
     drawn = capsys.readouterr().err
     log("epoch 1/1 step 1: val loss 1.0")
     out, err = capsys.readouterr()
