@@ -1,7 +1,7 @@
 """torchvision's ResNet family as Flax NNX modules; imports no torch."""
 
 from resnet_flax.io import WeightsError, flat_state, load, load_flat_state, save
-from resnet_flax.layers import BatchNorm
+from resnet_flax.layers import COMPUTE_DTYPES, BatchNorm
 from resnet_flax.model import (
     ARCHS,
     BasicBlock,
@@ -26,6 +26,7 @@ from resnet_flax.model import (
 
 __all__ = [
     "ARCHS",
+    "COMPUTE_DTYPES",
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",

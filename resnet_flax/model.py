@@ -33,12 +33,12 @@ class BasicBlock(nnx.Module):
         self.bn2 = BatchNorm(planes, dtype=dtype, zero_scale=zero_init_residual)
         self.downsample = downsample
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         identity = x
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = jax.nn.relu(self.bn1(self.conv1(x), mask))
+        out = self.bn2(self.conv2(out), mask)
         if self.downsample is not None:
-            identity = self.downsample[1](self.downsample[0](x))
+            identity = self.downsample[1](self.downsample[0](x), mask)
         return jax.nn.relu(out + identity)
 
 
@@ -59,13 +59,13 @@ class Bottleneck(nnx.Module):
         self.bn3 = BatchNorm(planes * self.expansion, dtype=dtype, zero_scale=zero_init_residual)
         self.downsample = downsample
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         identity = x
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = jax.nn.relu(self.bn1(self.conv1(x), mask))
+        out = jax.nn.relu(self.bn2(self.conv2(out), mask))
+        out = self.bn3(self.conv3(out), mask)
         if self.downsample is not None:
-            identity = self.downsample[1](self.downsample[0](x))
+            identity = self.downsample[1](self.downsample[0](x), mask)
         return jax.nn.relu(out + identity)
 
 
@@ -112,9 +112,10 @@ class ResNetConfig:
 class ResNet(nnx.Module):
     """torchvision's ResNet on NHWC input.
 
-    ``model(x)`` gives logits (float32), ``model.embed(x)`` the pooled feature vector and
-    ``model.stages(x)`` the four stage outputs, for use as a backbone. ``model.train()`` and
-    ``model.eval()`` select BatchNorm's mode. Parameters are float32; ``dtype`` sets the compute dtype.
+    ``model(x)`` gives logits (float32): ``forward_head(forward_features(x))`` as in timm. ``model.embed(x)``
+    is the pooled vector ``fc`` receives, ``model.stages(x)`` the four stage outputs (a backbone's), and
+    ``reset_classifier(n)`` gives a new head. ``model.train()`` and ``model.eval()`` select BatchNorm's
+    mode. Parameters are float32; ``dtype`` sets the compute dtype.
     """
 
     def __init__(self, config: ResNetConfig, *, zero_init_residual: bool = False,
@@ -154,32 +155,49 @@ class ResNet(nnx.Module):
             layers.append(block(self.inplanes, planes, dilation=self.dilation, **kw))
         return nnx.List(layers)
 
-    def stem(self, x: jax.Array) -> jax.Array:
+    def stem(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """conv1, bn1, ReLU and the 3x3/2 max-pool (-inf padding, as torch's MaxPool2d(3, 2, padding=1))."""
-        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), mask))
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    def stages(self, x: jax.Array) -> dict[str, jax.Array]:
-        """The outputs of ``layer1`` .. ``layer4`` (NHWC), as a backbone gives them."""
-        x = self.stem(x)
+    def stages(self, x: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+        """The outputs of ``layer1`` .. ``layer4`` (NHWC, compute dtype), as a backbone gives them."""
+        x = self.stem(x, mask)
         out = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for blk in getattr(self, name):
-                x = blk(x)
+                x = blk(x, mask)
             out[name] = x
         return out
 
+    def forward_features(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The last stage's feature map (NHWC, compute dtype): the input of :meth:`forward_head`."""
+        return self.stages(x, mask)["layer4"]
+
+    def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Global average pool then ``fc``: float32 logits, or with ``pre_logits`` the pooled vector ``fc`` gets."""
+        x = jnp.mean(x, axis=(1, 2))
+        return x if pre_logits else self.fc(x).astype(jnp.float32)
+
     def embed(self, x: jax.Array, normalize: bool = False) -> jax.Array:
-        """The globally average-pooled features (the input of ``fc``), optionally L2-normalised."""
-        feats = jnp.mean(self.stages(x)["layer4"].astype(jnp.float32), axis=(1, 2))
+        """The pooled features (exactly the input of ``fc``) in float32, optionally L2-normalised."""
+        feats = self.forward_head(self.forward_features(x), pre_logits=True).astype(jnp.float32)
         if normalize:
             feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
         return feats
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Logits in float32 for NHWC images normalised like torchvision's (ImageNet mean/std)."""
-        feats = jnp.mean(self.stages(x)["layer4"], axis=(1, 2))
-        return self.fc(feats).astype(jnp.float32)
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> None:
+        """A new, freshly initialised ``fc`` for ``num_classes`` classes (as timm's ``reset_classifier``)."""
+        self.fc = linear(self.config.num_features, num_classes, dtype=self.dtype,
+                         rngs=rngs if rngs is not None else nnx.Rngs(seed))
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Logits in float32 for NHWC images normalised like torchvision's (ImageNet mean/std).
+
+        ``mask`` ([batch], 1 = real example) keeps masked-out examples out of train-mode BatchNorm statistics.
+        """
+        return self.forward_head(self.forward_features(x, mask))
 
 
 # name -> (block, layers, groups, width_per_group), exactly torchvision's factories.

@@ -10,8 +10,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse_config(argv)
     from resnet_flax.io import WeightsError
-    from train.data import DataError
-    from train.errors import NonFiniteLoss, RunError
+    from train.errors import DataError, NonFiniteLoss, RunError
     from train.loop import run
 
     try:

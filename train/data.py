@@ -13,9 +13,11 @@ count skips).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
+from resnet_flax.io import first_line
+from train.errors import DataError
 from train.transforms import eval_transform, load_image, train_transform
 
 logger = logging.getLogger(__name__)
@@ -34,13 +38,6 @@ _SHUFFLE_TAG = 0
 _AUGMENT_TAG = 1
 _SYNTHETIC_TRAIN_SEED = 0
 _SYNTHETIC_VAL_SEED = 1
-
-
-class DataError(Exception):
-    """A dataset problem the user can fix; the message is always one line naming the problem and the fix."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 class Source(Protocol):
@@ -251,7 +248,7 @@ def _tfds_splits(name: str, tfds_data_dir: str | None, val_fraction: float) -> S
         val = tfds.data_source(name, split=val_split, data_dir=tfds_data_dir, download=False)
     except Exception as e:
         raise DataError(
-            f"could not open TFDS dataset {name!r} for random access ({_first_line(e)}); "
+            f"could not open TFDS dataset {name!r} for random access ({first_line(e)}); "
             f"rebuild it in array_record format with `tfds build {name} --file_format=array_record`"
         ) from None
     return Splits(
@@ -267,7 +264,7 @@ def _tfds_builder(tfds: Any, name: str, tfds_data_dir: str | None) -> Any:
         return tfds.builder(name, data_dir=tfds_data_dir, file_format="array_record")
     except Exception as e:
         raise DataError(
-            f"unknown dataset {name!r} ({_first_line(e)}); pass a TFDS name such as tf_flowers, imagenette or "
+            f"unknown dataset {name!r} ({first_line(e)}); pass a TFDS name such as tf_flowers, imagenette or "
             "imagenet2012, 'synthetic', or --data-dir path/to/image_folder"
         ) from None
 
@@ -300,7 +297,8 @@ def _tfds_prepare(builder: Any, name: str) -> None:
             f"TFDS's manual_dir {manual_dir} and run {build}, or pass --data-dir path/to/image_folder"
         )
     try:
-        builder.download_and_prepare()
+        with _removed_on_failure(root, name), _few_download_retries():
+            builder.download_and_prepare()
     except ModuleNotFoundError as e:
         if "tensorflow" not in str(e):
             raise
@@ -311,10 +309,45 @@ def _tfds_prepare(builder: Any, name: str) -> None:
         ) from None
     except Exception as e:
         raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({_first_line(e)}); "
-            f"run {build} on a machine with internet (copy {root / name} here), "
+            f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({first_line(e)}); "
+            "preparing it the first time needs network access and the [tfds] extra "
+            f"(`pip install 'resnet-flax[tfds]'`): run {build} on a machine with both (copy {root / name} here), "
             "or pass --data-dir path/to/image_folder"
         ) from None
+
+
+@contextlib.contextmanager
+def _few_download_retries(retries: int = 2) -> Iterator[None]:
+    """TFDS retries a failed download 10 times with exponential back-off (3.5 minutes offline); allow a few."""
+    from tensorflow_datasets.core.download import downloader
+
+    saved, downloader.MAX_RETRIES = downloader.MAX_RETRIES, retries
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = saved
+
+
+@contextlib.contextmanager
+def _removed_on_failure(root: Path, name: str) -> Iterator[None]:
+    """Remove what a failed first preparation left in TFDS's folders (partial downloads, empty folders)."""
+    downloads = root / "downloads"
+    own = [root / name, downloads / name]  # this dataset's: removed whole if new
+    shared = [downloads / "extracted", downloads, root]  # removed only if new and empty
+    existed = {p for p in own + shared if p.exists()}
+    partial = set(downloads.glob(f"{name}/*.tmp.*"))
+    try:
+        yield
+    except BaseException:
+        for p in [p for p in own if p not in existed] + sorted(set(downloads.glob(f"{name}/*.tmp.*")) - partial):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for p in shared:
+            if p not in existed and p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
 
 
 def _tfds_split_names(splits: Any, val_fraction: float, name: str) -> tuple[str, str]:
@@ -327,13 +360,6 @@ def _tfds_split_names(splits: Any, val_fraction: float, name: str) -> tuple[str,
             return "train", val_name
     cut = round((1.0 - val_fraction) * 100)
     return f"train[:{cut}%]", f"train[{cut}%:]"
-
-
-def _first_line(error: BaseException) -> str:
-    """``Type: first line of message`` (at most 200 chars) for embedding an exception in a DataError."""
-    text = str(error).strip().splitlines()
-    line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return line[:200]
 
 
 # --------------------------------------------------------------------------------------------------- loaders
@@ -371,7 +397,7 @@ class ExampleLoader:
                 pixels = eval_transform(image, self.image_size, self.resize_size)
             label = int(record["label"])
         except Exception as e:
-            logger.warning("skipping unreadable image %s: %s", _describe(record, index), _first_line(e))
+            logger.warning("skipping unreadable image %s: %s", _describe(record, index), first_line(e))
             return self._blank(corrupt=1)
         return {"image": pixels, "label": np.int32(label), "mask": np.float32(1.0), "corrupt": np.int32(0)}
 
@@ -508,4 +534,4 @@ def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
             try:
                 close()
             except Exception as e:
-                logger.debug("closing the grain iterator failed: %s", _first_line(e))
+                logger.debug("closing the grain iterator failed: %s", first_line(e))

@@ -43,7 +43,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         check_same_run(cfg)
     model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
     model_config = model.config
-    graphdef, state = create_train_state(model, tx, cfg.seed)
+    graphdef, state = create_train_state(model, tx)
     del model
     state = jax.device_put(state, replicated)
     train_step, eval_step = jit_steps(graphdef, tx, optim, replicated, batch_sharding)

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnet_flax.io import WeightsError
+from resnet_flax.io import WeightsError, first_line
 from resnet_flax.model import ResNet, ResNetConfig
+from train.errors import DataError
+from train.run_file import RUN_FILE
 
 IMAGENET_CLASSES = Path(__file__).with_name("imagenet_classes.txt")
 
@@ -45,7 +47,7 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
 def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
     """(model, class names, image size) from a workdir, a converted file or a PyTorch checkpoint."""
     if checkpoint.is_dir():
-        if not (checkpoint / "run.json").exists():
+        if not (checkpoint / RUN_FILE).exists():
             raise WeightsError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
     import convert
@@ -65,7 +67,7 @@ def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
         try:
             batch.append(eval_transform(load_image(path), image_size))
         except (OSError, ValueError) as e:
-            raise WeightsError(f"{path}: cannot read the image ({e}); pass a JPEG/PNG file") from None
+            raise DataError(f"{path}: cannot read the image ({first_line(e)}); pass a JPEG/PNG file") from None
     logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(np.stack(batch)))
     return np.asarray(jax.nn.softmax(logits, axis=-1))
 
@@ -83,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.images:
             if not path.is_file():
-                raise WeightsError(f"{path}: no such image file")
+                raise DataError(f"{path}: no such image file")
         if not args.checkpoint.exists():
             raise WeightsError(f"{args.checkpoint}: no such workdir or weights file")
         model, names, size = load_predictor(args.checkpoint)
         probs = predict(model, args.images, args.image_size or size)
-    except WeightsError as e:
+    except (DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     k = min(args.top_k, probs.shape[-1])

@@ -1,6 +1,6 @@
 """Training state, optimizer, and the jit-compiled ``train_step`` / ``eval_step``.
 
-State is a plain pytree (params, batch stats, optimizer state, step, RNG) so it can be sharded, donated
+State is a plain pytree (params, batch stats, optimizer state, step) so it can be sharded, donated
 and checkpointed; the model's structure (an NNX ``GraphDef``) is static and closed over.
 """
 
@@ -32,7 +32,6 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
-    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +86,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
-def create_train_state(model: ResNet, tx: optax.GradientTransformation, seed: int = 0
-                       ) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` into its static structure and a fresh :class:`TrainState`."""
-    model.train()
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+def create_train_state(model: ResNet, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """The train-mode structure of ``model`` and a fresh :class:`TrainState` of its weights (``model`` is unchanged)."""
+    train_mode = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
+    train_mode.train()
+    graphdef, params, batch_stats = nnx.split(train_mode, nnx.Param, nnx.BatchStat)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+                       opt_state=tx.init(params))
     return graphdef, state
 
 
@@ -113,12 +112,12 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
 
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
-    batch. Masked-out examples (unreadable images) are excluded from the loss.
+    batch. Masked-out examples (unreadable images) are excluded from the loss and the BatchNorm statistics.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
 
     def loss_fn(model):
-        logits = model(batch["image"])
+        logits = model(batch["image"], batch["mask"])
         ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
         return _masked_mean(ce, batch["mask"]), logits
 
