@@ -2,7 +2,8 @@
 
 Examples::
 
-    python -m benchmarks --quick                      # the README's table, about 5 minutes on 2 CPU cores
+    python -m benchmarks --sweep                      # the README's table: 32/64/112/224 px, about 15 minutes
+    python -m benchmarks --quick                      # batch 8 at 224 px, about 5 minutes on 2 CPU cores
     python -m benchmarks --arch resnet50 --batch 16 32 --mode train --steps 7
     python -m benchmarks --levers --arch resnet18     # each Flax lever on its own, as ratios
     python -m benchmarks --torch-compile              # add a torch.compile (inductor) column
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import FLAX_PLAIN, LEVERS, Case, fast_options
+from benchmarks.config import FLAX_PLAIN, LEVERS, Case, conv_lever_applies, fast_options, without_conv_lever
 from benchmarks.harness import ROOT, Result, Timing, last_line, measure
 from benchmarks.report import comparison_rows, converter_line, lever_rows, markdown, pipeline_rows, write_json
 from benchmarks.worker import REPLY_PREFIX
@@ -31,6 +32,8 @@ MODES = ("infer", "train")
 FULL_BATCHES = {"infer": (8, 32), "train": (8, 16)}
 QUICK_BATCHES = {("resnet18", "infer"): (8,), ("resnet18", "train"): (8,),
                  ("resnet50", "infer"): (8,), ("resnet50", "train"): (8,)}
+# --sweep: (image size, batch) of the issue's targets: small images at batch 64, ImageNet size at batch 16.
+SWEEP = ((32, 64), (64, 64), (112, 64), (224, 16))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,8 +45,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype of both frameworks (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--steps", type=int, help="timed calls per implementation (median reported; default 5, quick 3)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, nargs="+", default=[224])
     p.add_argument("--quick", action="store_true", help="one batch size per row, 3 timed calls, no plain-Flax column")
+    p.add_argument("--sweep", action="store_true",
+                   help="batch 64 at 32, 64 and 112 px and batch 16 at 224 px, 3 timed calls, with --conv-lever, "
+                        "no plain-Flax column (overrides --batch and --image-size)")
+    p.add_argument("--conv-lever", action="store_true",
+                   help="add a flax-fast column with every convolution left to XLA (resnet_flax.conv's choice "
+                        "off), where the choice changes anything")
     p.add_argument("--torch-compile", action="store_true", help="also measure torch.compile (slow to compile)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-Flax column (only flax-fast)")
     p.add_argument("--levers", nargs="*", metavar="NAME", choices=list(LEVERS),
@@ -86,21 +95,32 @@ def batches_for(args: argparse.Namespace, arch: str, mode: str) -> tuple[int, ..
     return FULL_BATCHES[mode]
 
 
-def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str) -> list[Case]:
+def workloads(args: argparse.Namespace, arch: str, mode: str) -> list[tuple[int, int]]:
+    """(image size, batch) of each row of one (arch, mode)."""
+    if args.sweep:
+        return list(SWEEP)
+    return [(size, batch) for size in args.image_size for batch in batches_for(args, arch, mode)]
+
+
+def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str,
+                     image_size: int = 224) -> list[Case]:
     """The implementations of one workload in the main table, in timing order."""
-    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": args.image_size, "dtype": dtype}
+    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype}
     cases = [Case("torch", "torch", **common)]
-    if not (args.no_plain or args.quick):
+    if not (args.no_plain or args.quick or args.sweep):
         cases.append(Case("flax", "flax", flax=FLAX_PLAIN, **common))
     cases.append(Case("flax-fast", "flax", flax=fast_options(mode), **common))
+    if (args.conv_lever or args.sweep) and conv_lever_applies(image_size):
+        cases.append(Case("flax-fast-xlaconv", "flax", flax=without_conv_lever(fast_options(mode)), **common))
     if args.torch_compile:
         cases.append(Case("torch.compile", "torch", torch_compile=True, **common))
     return cases
 
 
-def lever_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str) -> list[Case]:
+def lever_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str,
+                image_size: int = 224) -> list[Case]:
     """PyTorch plus every Flax lever that applies to ``mode``."""
-    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": args.image_size, "dtype": dtype}
+    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype}
     cases = [Case("torch", "torch", **common)]
     wanted = set(args.levers or LEVERS) | {"plain"}
     cases += [Case(name, "flax", flax=opts, **common) for name, (modes, opts) in LEVERS.items()
@@ -114,10 +134,10 @@ def run_models(args: argparse.Namespace, dtype: str, timing: Timing,
     groups = []
     for arch in args.arch:
         for mode in args.mode:
-            for batch in batches_for(args, arch, mode):
-                log(f"{arch} {mode} batch {batch}:")
+            for size, batch in workloads(args, arch, mode):
+                log(f"{arch} {mode} {size} px batch {batch}:")
                 t0 = time.perf_counter()
-                groups.append(measure(make_cases(args, arch, mode, batch, dtype), timing, log))
+                groups.append(measure(make_cases(args, arch, mode, batch, dtype, size), timing, log))
                 summary = ", ".join(f"{r.case.impl} {r.images_per_s:.1f}" if r.ok and r.images_per_s else
                                     f"{r.case.impl} n/a" for r in groups[-1])
                 log(f"  img/s: {summary}  ({time.perf_counter() - t0:.0f} s)")
@@ -182,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = has_gpu()
     dtype = resolve_dtype(args.dtype, gpu)
-    timing = Timing(steps=args.steps or (3 if args.quick else 5), max_foreign=args.max_foreign,
+    timing = Timing(steps=args.steps or (3 if args.quick or args.sweep else 5), max_foreign=args.max_foreign,
                     wait_quiet_s=args.wait_quiet)
     payload: dict[str, Any] = {"environment": environment(gpu, dtype), "timing": vars(timing),
                                "argv": list(argv if argv is not None else sys.argv[1:])}
@@ -194,13 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables.update(print_models(groups, args.levers is not None, args.torch_compile))
     if "pipeline" not in args.skip and args.levers is None:
         log("input pipeline (decode + augment JPEGs):")
-        payload["pipeline"] = run_child("benchmarks.pipeline", ["--image-size", str(args.image_size)])
+        payload["pipeline"] = run_child("benchmarks.pipeline", ["--image-size", str(args.image_size[-1])])
         if "error" in payload["pipeline"]:
             print(f"input pipeline: n/a ({payload['pipeline']['error']})")
         else:
             tables["pipeline"] = markdown(*pipeline_rows(payload["pipeline"]))
             print(f"\ninput pipeline ({payload['pipeline']['batch_size']} per batch, 500x375 JPEG -> "
-                  f"{args.image_size}):\n{tables['pipeline']}")
+                  f"{args.image_size[-1]}):\n{tables['pipeline']}")
     if "converter" not in args.skip and args.levers is None:
         log("converter (wide_resnet101_2):")
         payload["converter"] = run_child("benchmarks.converter", [])

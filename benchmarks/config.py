@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from train.steps import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS
+from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_form
 
 Mode = Literal["infer", "train"]
 Framework = Literal["flax", "torch"]
@@ -15,7 +15,7 @@ Framework = Literal["flax", "torch"]
 # convolutions are very slow (a 1x1 conv's weight gradient took 45-80x PyTorch's time here) and its forward
 # ones slower than XLA's Eigen path, which is close to PyTorch's oneDNN (see README.md). Keeping only
 # reductions in YNNPACK gives Eigen convolutions and YNNPACK's faster BatchNorm reductions (training).
-YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps uses on CPU
+YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps compiles with on CPU
 # Nothing in YNNPACK: Eigen convolutions and XLA's own reduction loops.
 YNN_OFF: dict[str, Any] = CPU_EVAL_OPTIONS
 FAST_MATH: dict[str, Any] = {"xla_cpu_enable_fast_math": True}
@@ -27,9 +27,9 @@ class FlaxOptions:
 
     fold_bn: bool = False  # inference: BatchNorm folded into the convolutions (resnet_flax.fuse)
     donate: bool = True  # training: donate the train state to the step (train.steps.jit_steps does)
-    fast_maxpool: bool = False  # experimental: benchmarks.maxpool's cheap max-pool backward (not in resnet_flax)
     host_round_trip: bool = False  # training: batch from numpy each step and the loss read back (a real loop)
     cpu_compiler_options: tuple[tuple[str, Any], ...] = ()  # XLA options for this compile, on CPU only
+    conv: str = "auto"  # resnet_flax.conv policy: "auto" (per-shape choice), "xla" (XLA's convs only), "matmul"
 
     @staticmethod
     def with_options(options: dict[str, Any], **kwargs: Any) -> FlaxOptions:
@@ -76,6 +76,22 @@ def fast_options(mode: Mode) -> FlaxOptions:
     return FLAX_FAST_INFER if mode == "infer" else FLAX_FAST_TRAIN
 
 
+def without_conv_lever(opts: FlaxOptions) -> FlaxOptions:
+    """``opts`` with every convolution left to XLA (the conv lever off)."""
+    return dataclasses.replace(opts, conv="xla")
+
+
+def conv_lever_applies(image_size: int) -> bool:
+    """Whether resnet_flax.conv computes any ResNet convolution in another form than XLA's on CPU here.
+
+    Candidates: the stem, and the 3x3 convolutions of the last stage (the smallest maps).
+    """
+    size = image_size
+    for kernel, stride, pad in ((7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1)):  # stem, max-pool, layer2, layer3
+        size = (size + 2 * pad - kernel) // stride + 1
+    return cpu_form(image_size, 3, 7, 2, 3) != "xla" or cpu_form(size, 256, 3, 2, 1) != "xla"
+
+
 # Each lever alone and stacked, for ``--levers``: name -> (modes it applies to, options). The training levers
 # after "ynn-reduce-only" (flax-fast's setting) are stacked on it, so their effect is read against it.
 _FAST_TRAIN_OPTIONS = dict(FLAX_FAST_TRAIN.cpu_compiler_options)
@@ -90,5 +106,5 @@ LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
     "ynn-reduce-only+no-donation": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, donate=False)),
     "ynn-reduce-only+host-round-trip": (("train",),
                                         FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, host_round_trip=True)),
-    "ynn-reduce-only+fast-maxpool": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, fast_maxpool=True)),
+    "ynn-reduce-only+xla-conv": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, conv="xla")),
 }

@@ -12,8 +12,8 @@ from flax import nnx
 
 import resnet_flax
 from benchmarks.config import Case, FlaxOptions
-from benchmarks.maxpool import FastPoolResNet
 from benchmarks.worker import Workload
+from resnet_flax.conv import conv_policy
 from resnet_flax.fuse import fold_batchnorm
 from resnet_flax.io import load_flat_state
 from resnet_flax.layers import COMPUTE_DTYPES
@@ -101,8 +101,7 @@ def optim_config() -> steps.OptimConfig:
 
 def build_train(case: Case) -> Workload:
     """train.steps' jitted ``train_step`` (state donated unless the case says not to) on a fixed batch."""
-    cls = FastPoolResNet if case.flax.fast_maxpool else resnet_flax.ResNet
-    model = random_model(case.arch, COMPUTE_DTYPES[case.dtype], case.seed, cls)
+    model = random_model(case.arch, COMPUTE_DTYPES[case.dtype], case.seed)
     cfg = optim_config()
     tx = steps.make_optimizer(cfg)
     graphdef, state = steps.create_train_state(model, tx)
@@ -127,5 +126,6 @@ def build_train(case: Case) -> Workload:
 
 
 def build(case: Case) -> Workload:
-    """The Flax workload of ``case``."""
-    return build_infer(case) if case.mode == "infer" else build_train(case)
+    """The Flax workload of ``case`` (traced under its convolution policy)."""
+    with conv_policy(case.flax.conv):
+        return build_infer(case) if case.mode == "infer" else build_train(case)

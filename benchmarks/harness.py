@@ -214,7 +214,7 @@ def _flax_options(case: Case) -> dict[str, Any] | None:
         return None
     opts = case.flax
     return {"fold_bn": opts.fold_bn, "donate": opts.donate, "fast_maxpool": opts.fast_maxpool,
-            "host_round_trip": opts.host_round_trip,
+            "host_round_trip": opts.host_round_trip, "conv": opts.conv,
             "cpu_compiler_options": dict(opts.cpu_compiler_options)}
 
 

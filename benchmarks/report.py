@@ -52,11 +52,15 @@ def _compile_s(r: Result | None) -> str:
 
 
 def comparison_rows(groups: Sequence[Sequence[Result]], with_compile: bool) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per workload (arch, mode, batch) with every implementation side by side."""
+    """Header and rows: one row per workload (arch, mode, size, batch) with every implementation side by side.
+
+    "conv lever" is flax-fast over flax-fast with XLA's convolutions only (``--conv-lever``): what
+    resnet_flax.conv's per-shape choice bought; "-" where it changes nothing at that size.
+    """
     compiled = ("flax", "flax-fast", "torch.compile") if with_compile else ("flax", "flax-fast")
     memory = ("torch", "flax", "flax-fast", "torch.compile") if with_compile else ("torch", "flax", "flax-fast")
-    header = ["arch", "mode", "batch", "torch img/s", "flax img/s", "flax-fast img/s", "flax/torch",
-              "fast/torch"]
+    header = ["arch", "mode", "px", "batch", "torch img/s", "flax img/s", "flax-fast img/s", "flax/torch",
+              "fast/torch", "conv lever"]
     if with_compile:
         header += ["torch.compile img/s", "fast/compile"]
     header += [f"compile s ({', '.join(compiled)})", f"peak MB ({', '.join(memory)})", "other procs CPU"]
@@ -66,21 +70,23 @@ def comparison_rows(groups: Sequence[Sequence[Result]], with_compile: bool) -> t
         first = group[0].case
         ips = {k: (r.images_per_s if r.ok else None) for k, r in by.items()}
         torch_ips = ips.get("torch")
-        row = [first.arch, first.mode, str(first.batch), fmt(torch_ips), fmt(ips.get("flax")),
+        row = [first.arch, first.mode, str(first.image_size), str(first.batch), fmt(torch_ips), fmt(ips.get("flax")),
                fmt(ips.get("flax-fast")), fmt(ratio(ips.get("flax"), torch_ips), ".2f"),
-               fmt(ratio(ips.get("flax-fast"), torch_ips), ".2f")]
+               fmt(ratio(ips.get("flax-fast"), torch_ips), ".2f"),
+               fmt(ratio(ips.get("flax-fast"), ips.get("flax-fast-xlaconv")), ".2f", "-")]
         if with_compile:
             row += [fmt(ips.get("torch.compile")), fmt(ratio(ips.get("flax-fast"), ips.get("torch.compile")), ".2f")]
         row += [", ".join(_compile_s(by.get(k)) for k in compiled), ", ".join(_mem(by.get(k)) for k in memory),
                 _share(foreign_cpu(group))]
         rows.append(row)
-    return drop_empty_columns(header, rows, {"flax img/s", "flax/torch"})
+    return drop_empty_columns(header, rows, {"flax img/s", "flax/torch", "conv lever"})
 
 
 def drop_empty_columns(header: list[str], rows: list[list[str]], optional: set[str]
                        ) -> tuple[list[str], list[list[str]]]:
     """Remove the ``optional`` columns that are "n/a" in every row (e.g. plain Flax under ``--quick``)."""
-    keep = [i for i, name in enumerate(header) if name not in optional or any(r[i] != "n/a" for r in rows)]
+    keep = [i for i, name in enumerate(header)
+            if name not in optional or any(r[i] not in ("n/a", "-") for r in rows)]
     return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
 
 

@@ -5,13 +5,15 @@ from convert.core import (
     build_model,
     compare_outputs,
     describe,
+    eval_settings,
     from_state_dict,
     load_model,
+    load_with_info,
     read_checkpoint,
     save_torch,
     to_torch_state_dict,
 )
 from resnet_flax.io import WeightsError
 
-__all__ = ["Checkpoint", "WeightsError", "build_model", "compare_outputs", "describe", "from_state_dict",
-           "load_model", "read_checkpoint", "save_torch", "to_torch_state_dict"]
+__all__ = ["Checkpoint", "WeightsError", "build_model", "compare_outputs", "describe", "eval_settings",
+           "from_state_dict", "load_model", "load_with_info", "read_checkpoint", "save_torch", "to_torch_state_dict"]

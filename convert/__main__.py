@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                              "or NAME.pth when converting back)")
     p.add_argument("--arch", choices=list(ARCHS), metavar="NAME",
                    help="expected architecture, checked against the tensors: " + ", ".join(ARCHS))
-    p.add_argument("--dilation", default="0,0,0", metavar="B,B,B",
-                   help="replace_stride_with_dilation for layer2..4 as 0/1 flags (not visible in the weights)")
+    p.add_argument("--dilation", metavar="B,B,B",
+                   help="replace_stride_with_dilation for layer2..4 as 0/1 flags (not visible in the weights; "
+                        "default 0,0,0, or 0,1,1 for torchvision segmentation models)")
+    p.add_argument("--weights-set", choices=["auto", "ema", "model"], default="auto",
+                   help="for checkpoints holding model and EMA weights (timm training): auto takes the EMA "
+                        "weights, as timm's load_checkpoint does")
     p.add_argument("--verify", action="store_true",
                    help="run torchvision and the Flax model on one random batch and print the max difference")
     p.add_argument("--verify-size", type=int, default=224, metavar="PX", help="image size for --verify")
@@ -47,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_flax.io import WeightsError
 
     try:
-        dilation = tuple(bool(int(f)) for f in args.dilation.split(","))
-        if len(dilation) != 3:
+        dilation = None if args.dilation is None else tuple(bool(int(f)) for f in args.dilation.split(","))
+        if dilation is not None and len(dilation) != 3:
             raise ValueError
     except ValueError:
         print(f"error: --dilation {args.dilation!r}: give three 0/1 flags, e.g. 0,1,1", file=sys.stderr)
@@ -68,17 +73,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
+def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool] | None) -> int:
     import resnet_flax
     from convert import core
     from convert.reader import detect_format, require_torch
+    from resnet_flax.hub import sha256_file
     from resnet_flax.io import WeightsError
 
     src: Path = args.src
-    if not src.is_file():
-        what = "a folder, not a file" if src.is_dir() else "no such file"
-        raise WeightsError(f"{src}: {what}; pass the path of a PyTorch checkpoint")
-    to_flax = detect_format(src) != "flax"
+    if src.is_dir():  # a Hugging Face / timm hub folder (config.json + weights)
+        weights_file = next((src / n for n in core.HF_WEIGHT_FILES if (src / n).is_file()), None)
+        if weights_file is None:
+            raise WeightsError(f"{src}: a folder, not a file (and no {' or '.join(core.HF_WEIGHT_FILES)} in it); "
+                               "pass the path of a PyTorch checkpoint")
+    elif not src.is_file():
+        raise WeightsError(f"{src}: no such file; pass the path of a PyTorch checkpoint")
+    to_flax = src.is_dir() or detect_format(src) != "flax"
     if not to_flax:
         require_torch("writing a PyTorch state dict")
     if args.verify:
@@ -103,10 +113,14 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool]) -> int:
         return 0
 
     ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation,
-                                allow_nonfinite=args.allow_nonfinite)
+                                allow_nonfinite=args.allow_nonfinite, weights_set=args.weights_set)
     model = core.build_model(ckpt)
-    meta = {"source": src.name, "arch": ckpt.arch}
+    src_file = weights_file if src.is_dir() else src
+    info = dataclasses.replace(ckpt.info, source=str(src.resolve()), sha256=sha256_file(src_file))
+    meta = {"arch": ckpt.arch, **info.to_metadata()}
     resnet_flax.save(model, out, extra_metadata=meta, exclusive=not args.overwrite)
+    for note in ckpt.notes:
+        print(f"note: {note}")
     print(f"found {core.describe(ckpt.config)}, {ckpt.num_params / 1e6:.2f}M parameters, in {src}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     if args.verify:

@@ -14,10 +14,11 @@ from flax import nnx
 
 import resnet_flax
 from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_to_flax
-from convert.reader import detect_format, read_torch_file
+from convert.reader import detect_format, read_source
 from resnet_flax.io import WeightsError, abstract_model, atomic_write, flat_state, load_flat_state
 from resnet_flax.layers import Dtype
 from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name
+from resnet_flax.weights import EvalTransform, WeightsInfo
 
 FLAX_SUFFIX = resnet_flax.io.SUFFIX
 
@@ -29,6 +30,8 @@ class Checkpoint:
     config: ResNetConfig
     arrays: dict[str, np.ndarray]
     torch_state: dict[str, np.ndarray]  # the normalised torchvision-named tensors it came from
+    info: WeightsInfo = dataclasses.field(default_factory=WeightsInfo)  # class names, transform, source
+    notes: list[str] = dataclasses.field(default_factory=list)  # choices made on the way, one line each
 
     @property
     def arch(self) -> str:
@@ -66,23 +69,73 @@ def variable_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
 
 
 def from_state_dict(sd: dict[str, Any], *, arch: str | None = None,
-                    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> Checkpoint:
-    """Map a PyTorch ResNet state dict (tensors or arrays, any common spelling) to Flax arrays."""
+                    replace_stride_with_dilation: tuple[bool, bool, bool] | None = None) -> Checkpoint:
+    """Map a PyTorch ResNet state dict (tensors or arrays, any common spelling) to Flax arrays.
+
+    A state dict without ``fc`` (timm ``num_classes=0``, a segmentation backbone) gives a headless model
+    (``num_classes=0``: features and stages only)."""
     sd = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).copy() for k, v in sd.items()}
     sd = normalize_state_dict(sd)
-    config = dataclasses.replace(infer_config(sd), replace_stride_with_dilation=replace_stride_with_dilation)
+    config = dataclasses.replace(infer_config(sd), replace_stride_with_dilation=tuple(
+        replace_stride_with_dilation or (False, False, False)))
     check_arch(config, arch)
     return Checkpoint(config, torch_to_flax(sd, variable_shapes(config)), sd)
 
 
-def read_checkpoint(path: str | Path, *, arch: str | None = None,
-                    replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
-                    allow_nonfinite: bool = False) -> Checkpoint:
-    """Read a .pth/.pt (torch.save), TorchScript or .safetensors ResNet checkpoint and map it to Flax.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SEGMENTATION_DILATION = (False, True, True)  # torchvision's FCN / DeepLabV3 backbones
 
-    No torch needed; NaN/inf tensors are refused unless ``allow_nonfinite``."""
-    return from_state_dict(read_torch_file(path, allow_nonfinite=allow_nonfinite), arch=arch,
-                           replace_stride_with_dilation=replace_stride_with_dilation)
+
+def read_checkpoint(path: str | Path, *, arch: str | None = None,
+                    replace_stride_with_dilation: tuple[bool, bool, bool] | None = None,
+                    allow_nonfinite: bool = False, weights_set: str = "auto") -> Checkpoint:
+    """Read a ResNet checkpoint and map it to Flax: .pth/.pt (torch.save), TorchScript, .safetensors, a timm
+    training checkpoint (``weights_set``: "auto" takes EMA weights when present, as timm does; "ema"; "model"),
+    a Hugging Face transformers or timm hub folder (``config.json`` beside the weights), a segmentation model
+    (its ``backbone.``; dilation 0,1,1 unless given).
+
+    No torch needed; NaN/inf tensors are refused unless ``allow_nonfinite``. ``Checkpoint.notes`` says which
+    choices were made, ``Checkpoint.info`` what the files say about classes and preprocessing."""
+    from convert import formats
+
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
+        if found is None:
+            raise WeightsError(f"{path}: a folder, not a file (and no {' or '.join(HF_WEIGHT_FILES)} in it); "
+                               "pass a checkpoint file")
+        path = found
+    sd, info, notes = read_source(path, weights_set=weights_set, allow_nonfinite=allow_nonfinite)
+    config_json = formats.read_json_beside(path, "config.json")
+    if formats.is_transformers_resnet(sd):
+        if config_json is None:
+            raise WeightsError(f"{path}: a Hugging Face transformers ResNet without its config.json beside it; "
+                               "it alone tells ResNet v1.5 from v1 (downsample_in_bottleneck): put it next to the file")
+        sd = formats.from_transformers(sd, config_json, path.parent / "config.json")
+        info = _merge(info, formats.transformers_info(config_json, formats.read_json_beside(
+            path, "preprocessor_config.json")))
+        notes.append("read a Hugging Face transformers ResNet (config.json checked: ResNet v1.5, relu)")
+    elif config_json is not None and "pretrained_cfg" in config_json:
+        info = _merge(info, formats.timm_info(config_json))
+    sd, left_out, segmentation = formats.split_backbone(sd)
+    notes += left_out
+    if segmentation and replace_stride_with_dilation is None:
+        replace_stride_with_dilation = SEGMENTATION_DILATION
+        notes.append("a torchvision segmentation model: its backbone runs with replace_stride_with_dilation "
+                     "0,1,1 (as FCN/DeepLabV3 build it); pass --dilation to change")
+    ckpt = from_state_dict(sd, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation)
+    if ckpt.config.num_classes == 0:
+        notes.append("no classifier (fc): a headless model, features and stages only (num_classes=0)")
+    ckpt.info, ckpt.notes = info, notes
+    if ckpt.info.class_names is not None and len(ckpt.info.class_names) != ckpt.config.num_classes:
+        ckpt.info.class_names = None  # names for another head: not these weights'
+    return ckpt
+
+
+def _merge(a: WeightsInfo, b: WeightsInfo) -> WeightsInfo:
+    """``a`` with its unknown fields taken from ``b``."""
+    return dataclasses.replace(a, **{f.name: getattr(b, f.name) for f in dataclasses.fields(a)
+                                     if getattr(a, f.name) is None and getattr(b, f.name) is not None})
 
 
 def build_model(ckpt: Checkpoint, dtype: Dtype = jnp.float32) -> ResNet:
@@ -93,16 +146,39 @@ def build_model(ckpt: Checkpoint, dtype: Dtype = jnp.float32) -> ResNet:
 
 
 def load_model(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.float32,
-               replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)) -> ResNet:
-    """One call from a file to a Flax model: a PyTorch checkpoint (.pth, TorchScript, .safetensors) or a
-    converted ``.flax.safetensors`` file. The model is in eval mode."""
+               replace_stride_with_dilation: tuple[bool, bool, bool] | None = None) -> ResNet:
+    """One call from a file to a Flax model: a PyTorch checkpoint (.pth, TorchScript, .safetensors; see
+    :func:`read_checkpoint`) or a converted ``.flax.safetensors`` file. The model is in eval mode."""
     path = Path(path)
     if path.is_file() and detect_format(path) == "flax":
-        model = resnet_flax.load(path, dtype=dtype)
+        model = resnet_flax.load(path, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
         check_arch(model.config, arch)
         return model
     return build_model(read_checkpoint(path, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation),
                        dtype)
+
+
+def load_with_info(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.float32
+                   ) -> tuple[ResNet, WeightsInfo]:
+    """:func:`load_model` plus what the file says about its classes, evaluation transform and source."""
+    path = Path(path)
+    if path.is_file() and detect_format(path) == "flax":
+        return load_model(path, arch=arch, dtype=dtype), WeightsInfo.from_metadata(resnet_flax.io.read_metadata(path))
+    ckpt = read_checkpoint(path, arch=arch)
+    return build_model(ckpt, dtype), ckpt.info
+
+
+def eval_settings(path: str | Path, num_classes: int | None = None) -> tuple[list[str], EvalTransform]:
+    """Class names and evaluation transform for a weights file: what it records, else ImageNet's names for
+    1000 classes and torchvision's resize 256 / crop 224 (used by ``train.predict`` and ``--eval-only``)."""
+    path = Path(path)
+    if path.is_file() and detect_format(path) == "flax":
+        meta = resnet_flax.io.read_metadata(path)
+        info, n = WeightsInfo.from_metadata(meta), resnet_flax.io.header_config(meta, 1 << 30, path).num_classes
+    else:
+        ckpt = read_checkpoint(path)
+        info, n = ckpt.info, ckpt.config.num_classes
+    return info.eval_settings(n if num_classes is None else num_classes)
 
 
 def to_torch_state_dict(model: ResNet) -> OrderedDict[str, Any]:
@@ -128,6 +204,8 @@ def torchvision_model(config: ResNetConfig):
     model = tvr.ResNet(block, list(config.layers), num_classes=config.num_classes, groups=config.groups,
                        width_per_group=config.width_per_group,
                        replace_stride_with_dilation=list(config.replace_stride_with_dilation))
+    if config.num_classes == 0:
+        model.fc = torch.nn.Identity()  # headless: the pooled features, as timm's num_classes=0
     if config.in_channels != 3:
         model.conv1 = torch.nn.Conv2d(config.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     return model

@@ -63,7 +63,7 @@ def infer_config(sd: dict[str, np.ndarray]) -> ResNetConfig:
         return tuple(np.shape(sd[key]))
 
     stem = shape("conv1.weight")
-    fc = shape("fc.weight")
+    fc = shape("fc.weight") if "fc.weight" in sd else (0, 0)  # no head: a backbone (timm num_classes=0)
     layers = []
     for i in range(1, 5):
         idx = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{i}\.(\d+)\.", k))}

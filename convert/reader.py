@@ -10,6 +10,7 @@ import numpy as np
 
 from convert import torchfile
 from resnet_flax.io import WeightsError, first_line, is_converted_file
+from resnet_flax.weights import WeightsInfo
 
 # Keys under which training scripts commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
@@ -62,10 +63,20 @@ def read_torch_file(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
     Needs no torch: pickles are read by :mod:`convert.torchfile`, which builds tensors and plain containers and
     refuses anything else, so no file runs code. Non-finite tensors are refused unless ``allow_nonfinite``.
     """
+    return read_source(path, allow_nonfinite=allow_nonfinite)[0]
+
+
+def read_source(path: str | Path, *, weights_set: str = "auto", allow_nonfinite: bool = False
+                ) -> tuple[dict[str, np.ndarray], WeightsInfo, list[str]]:
+    """Like :func:`read_torch_file`, plus what the checkpoint dict says (class names, mean/std, size) and notes
+    on choices made: which weights set of a checkpoint holding model and EMA weights was taken."""
+    from convert.formats import checkpoint_info, select_weights_set
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file; pass the path of a PyTorch checkpoint")
     fmt = detect_format(path)
+    info, notes = WeightsInfo(), []
     if fmt == "flax":
         raise WeightsError(f"{path}: already a converted resnet_flax file; load it with resnet_flax.load")
     if fmt == "safetensors":
@@ -86,11 +97,17 @@ def read_torch_file(path: str | Path, *, allow_nonfinite: bool = False) -> dict[
                                    "state_dict() with torch.save instead")
             sd = torchfile.script_tensors(obj)
         else:
+            info = checkpoint_info(obj)
+            if isinstance(obj, dict):
+                obj, info.weights_set, note = select_weights_set(obj, weights_set, path)
+                notes += [note] if note else []
             sd = _unwrap(obj, path)
+    if weights_set == "ema" and info.weights_set is None:
+        raise WeightsError(f"{path}: --weights-set ema, but the file holds one set of weights; drop the flag")
     out = _to_float32(sd, path)
     if not allow_nonfinite:
         check_finite(out, path)
-    return out
+    return out, info, notes
 
 
 def check_finite(sd: dict[str, np.ndarray], source: object) -> None:

@@ -9,9 +9,8 @@ into the convolution's epilogue) and all BatchNorm state from the compiled funct
 
 The folded logits equal ``model.eval()(images)`` up to float32 rounding (about 1e-6 relative).
 
-On CPU, compile it with ``compiler_options=CPU_COMPILER_OPTIONS``: jaxlib 0.10 sends convolutions to YNNPACK
-by default, and XLA's Eigen convolutions were 1.3x faster for ResNet inference on the machine measured in
-benchmarks/README.md (that, not the folding, is what closes most of the gap to PyTorch there).
+:func:`inference_fn` is the one-call fast path (folding plus the backend's compile options); ``train.predict``
+and ``python -m train --eval-only`` use it.
 """
 
 from __future__ import annotations
@@ -26,17 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resnet_flax.conv import CPU_EVAL_OPTIONS, conv2d, cpu_compiler_options
 from resnet_flax.layers import BatchNorm, Dtype
 from resnet_flax.model import BasicBlock, Bottleneck, ResNet
 
 FoldedParams = dict[str, Any]
 ApplyFn = Callable[[FoldedParams, jax.Array], jax.Array]
-
-# XLA:CPU compile options for inference: no YNNPACK fusions (Eigen convolutions). Pass them as
-# ``jax.jit(apply_fn, compiler_options=CPU_COMPILER_OPTIONS)`` on the CPU backend only; the process-wide
-# equivalent is ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``.
-CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
 
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
@@ -125,11 +119,7 @@ def fold_batchnorm(model: ResNet) -> tuple[ApplyFn, FoldedParams]:
 
 def conv_bias(x: jax.Array, params: dict[str, jax.Array], spec: ConvSpec, dtype: Dtype) -> jax.Array:
     """A folded convolution: NHWC ``x`` with the HWIO kernel, PyTorch's symmetric padding, plus the bias."""
-    p = spec.padding
-    y = jax.lax.conv_general_dilated(
-        x, params["kernel"].astype(dtype), (spec.stride, spec.stride), ((p, p), (p, p)),
-        rhs_dilation=(spec.dilation, spec.dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=spec.groups)
+    y = conv2d(x, params["kernel"].astype(dtype), spec.stride, spec.padding, spec.dilation, spec.groups)
     return y + params["bias"].astype(dtype)
 
 
@@ -156,3 +146,15 @@ def folded_forward(plan: Plan, params: FoldedParams, x: jax.Array) -> jax.Array:
     feats = jnp.mean(x, axis=(1, 2))
     fc = params["fc"]
     return (jnp.dot(feats, fc["kernel"].astype(dtype)) + fc["bias"].astype(dtype)).astype(jnp.float32)
+
+
+def inference_fn(model: ResNet) -> Callable[[jax.Array], jax.Array]:
+    """The fastest eval-mode forward found by ``benchmarks`` for this backend: ``logits = inference_fn(model)(x)``.
+
+    BatchNorm folded into the convolutions (:func:`fold_batchnorm`, read from the model now: retrain, call
+    again) and jit-compiled with the backend's inference options (``CPU_EVAL_OPTIONS`` on CPU). Takes NHWC
+    images like ``model(x)``, returns float32 logits equal to ``model.eval()(x)`` to float32 rounding.
+    """
+    apply_fn, params = fold_batchnorm(model)
+    jitted = jax.jit(apply_fn, compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))
+    return functools.partial(jitted, params)

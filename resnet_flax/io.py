@@ -6,6 +6,7 @@ Reading it needs neither torch nor pickle, so ``resnet_flax.load("model.flax.saf
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -190,8 +191,11 @@ def is_converted_file(path: str | os.PathLike) -> bool:
 MAX_CONFIG_INT = 1 << 20  # far above any ResNet's channels, classes or blocks, far below what could hang a build
 
 
-def load(path: str | os.PathLike, *, dtype: Dtype = jnp.float32) -> ResNet:
-    """Load a converted file into a ready-to-run model (eval mode), with no torch needed."""
+def load(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
+         replace_stride_with_dilation: tuple[bool, bool, bool] | None = None) -> ResNet:
+    """Load a converted file into a ready-to-run model (eval mode), with no torch needed.
+
+    ``replace_stride_with_dilation`` overrides the recorded one (it changes no weight shape)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file; pass the path of a converted {SUFFIX} file")
@@ -205,6 +209,8 @@ def load(path: str | os.PathLike, *, dtype: Dtype = jnp.float32) -> ResNet:
         raise WeightsError(f"{path}: a safetensors file but not one written by resnet_flax; "
                            "convert it first with `python -m convert`")
     config = header_config(meta, len(arrays), path)
+    if replace_stride_with_dilation is not None:
+        config = dataclasses.replace(config, replace_stride_with_dilation=tuple(replace_stride_with_dilation))
     try:
         shell = abstract_model(config, dtype)
     except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resnet_flax.conv import conv_general_dilated
+
 Dtype = Any
 COMPUTE_DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # by command-line name
 
@@ -28,7 +30,11 @@ def conv(
     dtype: Dtype = jnp.float32,
     rngs: nnx.Rngs,
 ) -> nnx.Conv:
-    """A bias-free conv with PyTorch's symmetric padding (never 'SAME', which pads strided convs unevenly)."""
+    """A bias-free conv with PyTorch's symmetric padding (never 'SAME', which pads strided convs unevenly).
+
+    It computes through :func:`resnet_flax.conv.conv_general_dilated`, which picks the fast form per shape and
+    backend; the parameters are ``nnx.Conv``'s.
+    """
     return nnx.Conv(
         in_planes,
         out_planes,
@@ -41,6 +47,7 @@ def conv(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kaiming_normal_fan_out,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
     )
 

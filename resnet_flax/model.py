@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -10,9 +11,79 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_flax.layers import BatchNorm, Dtype, conv, conv1x1, conv3x3, linear
+from resnet_flax.layers import BatchNorm, Dtype, conv, conv1x1, conv3x3, kaiming_normal_fan_out, linear
 
 BlockName = Literal["basic", "bottleneck"]
+StemType = Literal["", "deep", "deep_tiered"]
+STEM_TYPES = ("", "deep", "deep_tiered")
+
+
+class Sequential(nnx.List):
+    """``torch.nn.Sequential``: the layers in order, their indices the parameter paths (``conv1.0``, ``conv1.1``)."""
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The layers in order; ``mask`` goes to each BatchNorm (see :class:`BatchNorm`)."""
+        for layer in self:
+            x = layer(x, mask) if isinstance(layer, BatchNorm) else layer(x)
+        return x
+
+
+class ReLU(nnx.Module):
+    """A parameter-free ReLU, holding its index in a :class:`Sequential` as in PyTorch."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+class AvgPoolShortcut(nnx.Module):
+    """The pool of timm's ``downsample_avg`` (``avg_down``), before the shortcut's stride-1 1x1 conv.
+
+    Strided: 2x2/2 average with ``ceil_mode=True, count_include_pad=False`` (an odd edge averages what is
+    there). In a dilated stage: timm's ``AvgPool2dSame(2, 1)``, zero padding on the high side, counted.
+    Otherwise the identity (timm's ``nn.Identity`` at index 0).
+    """
+
+    def __init__(self, stride: int = 1, dilation: int = 1):
+        self.stride = stride
+        self.dilation = dilation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.stride == 1 and self.dilation == 1:
+            return x
+        if self.stride == 1:
+            return nnx.avg_pool(x, (2, 2), strides=(1, 1), padding=((0, 1), (0, 1)), count_include_pad=True)
+        h, w = x.shape[1:3]
+        return nnx.avg_pool(x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)), count_include_pad=False)
+
+
+def se_channels(channels: int) -> int:
+    """timm's SE reduction: ``make_divisible(channels / 16, 8, round_limit=0)``."""
+    return max(8, int(channels / 16 + 4) // 8 * 8)
+
+
+class SqueezeExcite(nnx.Module):
+    """timm's ``SEModule``: global mean, 1x1 conv with bias, ReLU, 1x1 conv with bias, sigmoid gate."""
+
+    def __init__(self, channels: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        rd = se_channels(channels)
+        self.fc1 = _conv1x1_bias(channels, rd, dtype=dtype, rngs=rngs)
+        self.fc2 = _conv1x1_bias(rd, channels, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+        s = self.fc2(jax.nn.relu(self.fc1(s)))
+        return x * jax.nn.sigmoid(s)
+
+
+def _conv1x1_bias(in_planes: int, out_planes: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    """A 1x1 conv with bias, initialised as timm's: Kaiming-normal fan_out kernel, PyTorch's default bias."""
+    bound = 1.0 / math.sqrt(in_planes)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return nnx.Conv(in_planes, out_planes, (1, 1), use_bias=True, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kaiming_normal_fan_out, bias_init=bias_init, rngs=rngs)
 
 
 class BasicBlock(nnx.Module):
@@ -20,9 +91,9 @@ class BasicBlock(nnx.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nnx.List | None = None,
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Sequential | None = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1, *, zero_init_residual: bool = False,
-                 dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 se: bool = False, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
         if dilation > 1:
@@ -31,14 +102,17 @@ class BasicBlock(nnx.Module):
         self.bn1 = BatchNorm(planes, dtype=dtype)
         self.conv2 = conv3x3(planes, planes, dtype=dtype, rngs=rngs)
         self.bn2 = BatchNorm(planes, dtype=dtype, zero_scale=zero_init_residual)
+        self.se = SqueezeExcite(planes, dtype=dtype, rngs=rngs) if se else None
         self.downsample = downsample
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         identity = x
         out = jax.nn.relu(self.bn1(self.conv1(x), mask))
         out = self.bn2(self.conv2(out), mask)
+        if self.se is not None:
+            out = self.se(out)
         if self.downsample is not None:
-            identity = self.downsample[1](self.downsample[0](x), mask)
+            identity = self.downsample(x, mask)
         return jax.nn.relu(out + identity)
 
 
@@ -47,9 +121,9 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nnx.List | None = None,
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Sequential | None = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1, *, zero_init_residual: bool = False,
-                 dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 se: bool = False, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(width, dtype=dtype)
@@ -57,6 +131,7 @@ class Bottleneck(nnx.Module):
         self.bn2 = BatchNorm(width, dtype=dtype)
         self.conv3 = conv1x1(width, planes * self.expansion, dtype=dtype, rngs=rngs)
         self.bn3 = BatchNorm(planes * self.expansion, dtype=dtype, zero_scale=zero_init_residual)
+        self.se = SqueezeExcite(planes * self.expansion, dtype=dtype, rngs=rngs) if se else None
         self.downsample = downsample
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -64,8 +139,10 @@ class Bottleneck(nnx.Module):
         out = jax.nn.relu(self.bn1(self.conv1(x), mask))
         out = jax.nn.relu(self.bn2(self.conv2(out), mask))
         out = self.bn3(self.conv3(out), mask)
+        if self.se is not None:
+            out = self.se(out)
         if self.downsample is not None:
-            identity = self.downsample[1](self.downsample[0](x), mask)
+            identity = self.downsample(x, mask)
         return jax.nn.relu(out + identity)
 
 
@@ -74,7 +151,13 @@ BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottle
 
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
-    """Everything that fixes the parameter shapes and the forward pass; recorded in converted files."""
+    """Everything that fixes the parameter shapes and the forward pass; recorded in converted files.
+
+    The last four fields are timm's options (defaults: torchvision's structure): ``stem_type`` ``"deep"`` is
+    three 3x3 convs of ``stem_width``, ``stem_width``, ``2 * stem_width`` channels instead of the 7x7,
+    ``"deep_tiered"`` the same with ``3 * (stem_width // 4)`` in the first; ``avg_down`` puts a 2x2 average
+    pool before a stride-1 shortcut conv; ``se`` adds squeeze-and-excitation after each block's last BatchNorm.
+    """
 
     block: BlockName
     layers: tuple[int, int, int, int]
@@ -83,6 +166,10 @@ class ResNetConfig:
     width_per_group: int = 64
     replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)
     in_channels: int = 3
+    stem_type: StemType = ""
+    stem_width: int = 64
+    avg_down: bool = False
+    se: bool = False
 
     def __post_init__(self):
         if self.block not in BLOCKS:
@@ -95,6 +182,15 @@ class ResNetConfig:
         if len(self.replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation should be a 3-element tuple, "
                              f"got {self.replace_stride_with_dilation}")
+        if self.stem_type not in STEM_TYPES:
+            raise ValueError(f"stem_type must be one of {STEM_TYPES}, got {self.stem_type!r}")
+        if not self.stem_type and self.stem_width != 64:
+            raise ValueError(f"stem_width {self.stem_width} needs a deep stem; the 7x7 stem always has 64 channels")
+        if self.stem_type and self.stem_width < 4:
+            raise ValueError(f"stem_width must be at least 4, got {self.stem_width}")
+        for flag in ("avg_down", "se"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,13 +200,33 @@ class ResNetConfig:
         return cls(**d)
 
     @property
+    def stem_channels(self) -> tuple[int, ...]:
+        """Output channels of the stem's convolutions, e.g. ``(64,)`` or timm's deep ``(32, 32, 64)``."""
+        w = self.stem_width
+        if self.stem_type == "deep":
+            return (w, w, 2 * w)
+        if self.stem_type == "deep_tiered":
+            return (3 * (w // 4), w, 2 * w)
+        return (64,)
+
+    @property
     def num_features(self) -> int:
         """Width of the pooled feature vector (the input of ``fc``)."""
         return 512 * BLOCKS[self.block].expansion
 
 
+def stem_conv(config: ResNetConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+    """torchvision's 7x7/2 conv, or timm's deep stem: 3x3/2, BN, ReLU, 3x3, BN, ReLU, 3x3 (as ``conv1.0`` .. ``.6``)."""
+    if not config.stem_type:
+        return conv(config.in_channels, 64, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
+    c0, c1, c2 = config.stem_channels
+    return Sequential([conv3x3(config.in_channels, c0, 2, dtype=dtype, rngs=rngs), BatchNorm(c0, dtype=dtype), ReLU(),
+                       conv3x3(c0, c1, dtype=dtype, rngs=rngs), BatchNorm(c1, dtype=dtype), ReLU(),
+                       conv3x3(c1, c2, dtype=dtype, rngs=rngs)])
+
+
 class ResNet(nnx.Module):
-    """torchvision's ResNet on NHWC input.
+    """torchvision's ResNet on NHWC input, with timm's deep stem, average-pool shortcuts and SE as options.
 
     ``model(x)`` gives logits (float32): ``forward_head(forward_features(x))`` as in timm. ``model.embed(x)``
     is the pooled vector ``fc`` receives, ``model.stages(x)`` the four stage outputs (a backbone's), and
@@ -123,9 +239,9 @@ class ResNet(nnx.Module):
         self.config = config
         self.dtype = dtype
         block = BLOCKS[config.block]
-        self.inplanes = 64
+        self.inplanes = config.stem_channels[-1]
         self.dilation = 1
-        self.conv1 = conv(config.in_channels, self.inplanes, 7, stride=2, padding=3, dtype=dtype, rngs=rngs)
+        self.conv1 = stem_conv(config, dtype=dtype, rngs=rngs)
         self.bn1 = BatchNorm(self.inplanes, dtype=dtype)
         kw = {"zero_init_residual": zero_init_residual, "dtype": dtype, "rngs": rngs}
         dilate = config.replace_stride_with_dilation
@@ -133,7 +249,9 @@ class ResNet(nnx.Module):
         self.layer2 = self._make_layer(block, 128, config.layers[1], stride=2, dilate=dilate[0], **kw)
         self.layer3 = self._make_layer(block, 256, config.layers[2], stride=2, dilate=dilate[1], **kw)
         self.layer4 = self._make_layer(block, 512, config.layers[3], stride=2, dilate=dilate[2], **kw)
-        self.fc = linear(512 * block.expansion, config.num_classes, dtype=dtype, rngs=rngs)
+        # num_classes=0: a headless backbone (timm's convention), whose __call__ gives the pooled features
+        self.fc = linear(config.num_features, config.num_classes, dtype=dtype, rngs=rngs) if config.num_classes \
+            else None
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False, *,
                     zero_init_residual: bool, dtype: Dtype, rngs: nnx.Rngs) -> nnx.List:
@@ -143,12 +261,16 @@ class ResNet(nnx.Module):
             self.dilation *= stride
             stride = 1
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nnx.List([
-                conv1x1(self.inplanes, planes * block.expansion, stride, dtype=dtype, rngs=rngs),
-                BatchNorm(planes * block.expansion, dtype=dtype),
-            ])
-        kw = {"groups": self.config.groups, "base_width": self.config.width_per_group,
-                  "zero_init_residual": zero_init_residual, "dtype": dtype, "rngs": rngs}
+            out = planes * block.expansion
+            if self.config.avg_down:
+                downsample = Sequential([AvgPoolShortcut(stride, self.dilation),
+                                         conv1x1(self.inplanes, out, dtype=dtype, rngs=rngs),
+                                         BatchNorm(out, dtype=dtype)])
+            else:
+                downsample = Sequential([conv1x1(self.inplanes, out, stride, dtype=dtype, rngs=rngs),
+                                         BatchNorm(out, dtype=dtype)])
+        kw = {"groups": self.config.groups, "base_width": self.config.width_per_group, "se": self.config.se,
+              "zero_init_residual": zero_init_residual, "dtype": dtype, "rngs": rngs}
         layers = [block(self.inplanes, planes, stride, downsample, dilation=previous_dilation, **kw)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
@@ -156,8 +278,10 @@ class ResNet(nnx.Module):
         return nnx.List(layers)
 
     def stem(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """conv1, bn1, ReLU and the 3x3/2 max-pool (-inf padding, as torch's MaxPool2d(3, 2, padding=1))."""
-        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype)), mask))
+        """conv1 (or the deep stem), bn1, ReLU, 3x3/2 max-pool (-inf padding, as torch's MaxPool2d(3, 2, padding=1))."""
+        x = x.astype(self.dtype)
+        x = self.conv1(x, mask) if isinstance(self.conv1, Sequential) else self.conv1(x)
+        x = jax.nn.relu(self.bn1(x, mask))
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     def stages(self, x: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -175,9 +299,14 @@ class ResNet(nnx.Module):
         return self.stages(x, mask)["layer4"]
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
-        """Global average pool then ``fc``: float32 logits, or with ``pre_logits`` the pooled vector ``fc`` gets."""
+        """Global average pool then ``fc``: float32 logits, or with ``pre_logits`` the pooled vector ``fc`` gets.
+
+        Headless (``fc`` None, ``num_classes=0``): the pooled vector in float32.
+        """
         x = jnp.mean(x, axis=(1, 2))
-        return x if pre_logits else self.fc(x).astype(jnp.float32)
+        if pre_logits:
+            return x
+        return (x if self.fc is None else self.fc(x)).astype(jnp.float32)
 
     def embed(self, x: jax.Array, normalize: bool = False) -> jax.Array:
         """The pooled features (exactly the input of ``fc``) in float32, optionally L2-normalised."""
@@ -187,9 +316,9 @@ class ResNet(nnx.Module):
         return feats
 
     def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> None:
-        """A new, freshly initialised ``fc`` for ``num_classes`` classes (as timm's ``reset_classifier``)."""
+        """A new, freshly initialised ``fc`` for ``num_classes`` classes, none for 0 (timm's ``reset_classifier``)."""
         self.fc = linear(self.config.num_features, num_classes, dtype=self.dtype,
-                         rngs=rngs if rngs is not None else nnx.Rngs(seed))
+                         rngs=rngs if rngs is not None else nnx.Rngs(seed)) if num_classes else None
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -200,19 +329,34 @@ class ResNet(nnx.Module):
         return self.forward_head(self.forward_features(x, mask))
 
 
-# name -> (block, layers, groups, width_per_group), exactly torchvision's factories.
-ARCHS: dict[str, tuple[BlockName, tuple[int, int, int, int], int, int]] = {
-    "resnet18": ("basic", (2, 2, 2, 2), 1, 64),
-    "resnet34": ("basic", (3, 4, 6, 3), 1, 64),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), 1, 64),
-    "resnet101": ("bottleneck", (3, 4, 23, 3), 1, 64),
-    "resnet152": ("bottleneck", (3, 8, 36, 3), 1, 64),
-    "resnext50_32x4d": ("bottleneck", (3, 4, 6, 3), 32, 4),
-    "resnext101_32x8d": ("bottleneck", (3, 4, 23, 3), 32, 8),
-    "resnext101_64x4d": ("bottleneck", (3, 4, 23, 3), 64, 4),
-    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 1, 128),
-    "wide_resnet101_2": ("bottleneck", (3, 4, 23, 3), 1, 128),
+_D = {"stem_type": "deep", "stem_width": 32, "avg_down": True}  # timm's ResNet-D
+_T = {"stem_type": "deep_tiered", "stem_width": 32, "avg_down": True}  # timm's ResNet-T
+
+# name -> structure (1000 classes, 3 input channels, no dilation): torchvision's factories, then timm's.
+ARCHS: dict[str, ResNetConfig] = {
+    "resnet18": ResNetConfig("basic", (2, 2, 2, 2)),
+    "resnet34": ResNetConfig("basic", (3, 4, 6, 3)),
+    "resnet50": ResNetConfig("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ResNetConfig("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ResNetConfig("bottleneck", (3, 8, 36, 3)),
+    "resnext50_32x4d": ResNetConfig("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
+    "resnext101_32x8d": ResNetConfig("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=8),
+    "resnext101_64x4d": ResNetConfig("bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
+    "wide_resnet50_2": ResNetConfig("bottleneck", (3, 4, 6, 3), width_per_group=128),
+    "wide_resnet101_2": ResNetConfig("bottleneck", (3, 4, 23, 3), width_per_group=128),
+    "resnet18d": ResNetConfig("basic", (2, 2, 2, 2), **_D),
+    "resnet26d": ResNetConfig("bottleneck", (2, 2, 2, 2), **_D),
+    "resnet34d": ResNetConfig("basic", (3, 4, 6, 3), **_D),
+    "resnet50d": ResNetConfig("bottleneck", (3, 4, 6, 3), **_D),
+    "resnet101d": ResNetConfig("bottleneck", (3, 4, 23, 3), **_D),
+    "resnet152d": ResNetConfig("bottleneck", (3, 8, 36, 3), **_D),
+    "resnet10t": ResNetConfig("basic", (1, 1, 1, 1), **_T),
+    "resnet14t": ResNetConfig("bottleneck", (1, 1, 1, 1), **_T),
+    "seresnet50": ResNetConfig("bottleneck", (3, 4, 6, 3), se=True),
+    "seresnext50_32x4d": ResNetConfig("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4, se=True),
 }
+TIMM_ARCHS = ("resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d", "resnet10t",
+              "resnet14t", "seresnet50", "seresnext50_32x4d")
 
 
 def list_models() -> list[str]:
@@ -223,27 +367,48 @@ def list_models() -> list[str]:
 def arch_config(name: str, *, num_classes: int = 1000,
                 replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
                 in_channels: int = 3) -> ResNetConfig:
-    """The :class:`ResNetConfig` of a torchvision architecture name."""
+    """The :class:`ResNetConfig` of an architecture name (torchvision's or timm's)."""
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
-    block, layers, groups, width = ARCHS[name]
-    return ResNetConfig(block, layers, num_classes, groups, width, replace_stride_with_dilation, in_channels)
+    return dataclasses.replace(ARCHS[name], num_classes=num_classes, in_channels=in_channels,
+                               replace_stride_with_dilation=replace_stride_with_dilation)
+
+
+def structure(config: ResNetConfig) -> ResNetConfig:
+    """``config`` without what a name leaves open (head size, input channels, dilation)."""
+    return dataclasses.replace(config, num_classes=1000, in_channels=3,
+                               replace_stride_with_dilation=(False, False, False))
 
 
 def arch_name(config: ResNetConfig) -> str | None:
-    """The torchvision name whose structure ``config`` has (any head size), or None for a custom one."""
-    for name, (block, layers, groups, width) in ARCHS.items():
-        if (config.block, config.layers, config.groups, config.width_per_group) == (block, layers, groups, width):
-            return name
-    return None
+    """The name whose structure ``config`` has (any head size), or None for a custom one."""
+    want = structure(config)
+    return next((name for name, c in ARCHS.items() if c == want), None)
 
 
-def create_model(name: str, *, num_classes: int = 1000, zero_init_residual: bool = False,
+def create_model(name: str | None, *, weights: Any = None, pretrained: bool = False, progress: bool = True,
+                 num_classes: int | None = None, zero_init_residual: bool = False,
                  replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
                  in_channels: int = 3, dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
                  seed: int = 0) -> ResNet:
-    """Build a model by torchvision name, e.g. ``create_model("resnet50", num_classes=10)``."""
-    config = arch_config(name, num_classes=num_classes, in_channels=in_channels,
+    """Build a model by name, e.g. ``create_model("resnet50", num_classes=10)`` or ``create_model("resnet50d")``.
+
+    ``weights`` loads pretrained weights like torchvision (``"IMAGENET1K_V2"``, ``"DEFAULT"``,
+    ``ResNet50_Weights.IMAGENET1K_V2``; ``pretrained=True`` is V1), from the Hugging Face Hub
+    (``"hf-hub:timm/resnet50.a1_in1k"``, ``"microsoft/resnet-50"``) or from a file; see :mod:`resnet_flax.hub`.
+    A pretrained model comes in eval mode."""
+    if name is not None and name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
+        name, weights = None, name
+    if weights is not None or pretrained:
+        from resnet_flax.hub import pretrained_model
+
+        if zero_init_residual or rngs is not None or in_channels != 3:
+            raise ValueError("zero_init_residual, rngs and in_channels shape a fresh model; "
+                             "they do not apply with weights=")
+        return pretrained_model(name, weights if weights is not None else True, num_classes=num_classes,
+                                replace_stride_with_dilation=replace_stride_with_dilation, dtype=dtype,
+                                progress=progress)
+    config = arch_config(name, num_classes=1000 if num_classes is None else num_classes, in_channels=in_channels,
                          replace_stride_with_dilation=replace_stride_with_dilation)
     return ResNet(config, zero_init_residual=zero_init_residual, dtype=dtype,
                   rngs=rngs if rngs is not None else nnx.Rngs(seed))
@@ -254,7 +419,8 @@ def _factory(name: str) -> Callable[..., ResNet]:
         return create_model(name, **kwargs)
 
     make.__name__ = make.__qualname__ = name
-    make.__doc__ = f"torchvision's ``{name}``; keyword arguments as :func:`create_model`."
+    source = "timm" if name in TIMM_ARCHS else "torchvision"
+    make.__doc__ = f"{source}'s ``{name}``; keyword arguments as :func:`create_model`."
     return make
 
 
@@ -268,3 +434,13 @@ resnext101_32x8d = _factory("resnext101_32x8d")
 resnext101_64x4d = _factory("resnext101_64x4d")
 wide_resnet50_2 = _factory("wide_resnet50_2")
 wide_resnet101_2 = _factory("wide_resnet101_2")
+resnet18d = _factory("resnet18d")
+resnet26d = _factory("resnet26d")
+resnet34d = _factory("resnet34d")
+resnet50d = _factory("resnet50d")
+resnet101d = _factory("resnet101d")
+resnet152d = _factory("resnet152d")
+resnet10t = _factory("resnet10t")
+resnet14t = _factory("resnet14t")
+seresnet50 = _factory("seresnet50")
+seresnext50_32x4d = _factory("seresnext50_32x4d")

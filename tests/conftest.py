@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# With libtpu installed (the tpu extra) JAX would load it in every process, and the first one takes
+# /tmp/libtpu_lockfile; the tests run on the CPU (the --compile-only children set their own environment).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np
 import pytest
@@ -28,15 +31,8 @@ def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False,
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(**kwargs)
     g = torch.Generator().manual_seed(seed + 1)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bns = randomize_bn_state(model, g)
     with torch.no_grad():
-        for m in bns:
-            shape = m.weight.shape
-            m.weight.copy_(0.5 + torch.rand(shape, generator=g))
-            m.bias.copy_(0.1 * torch.randn(shape, generator=g))
-            m.running_mean.copy_(0.1 * torch.randn(shape, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(shape, generator=g))
-            m.num_batches_tracked.fill_(7)
         if calibrate:
             for m in bns:
                 m.reset_running_stats()
@@ -48,6 +44,22 @@ def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False,
                 m.momentum = 0.1
     model.eval()
     return model
+
+
+def randomize_bn_state(model, g):
+    """Random running mean/var and affine scale/bias in every BatchNorm2d of ``model`` (any library's)."""
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in bns:
+            shape = m.weight.shape
+            m.weight.copy_(0.5 + torch.rand(shape, generator=g))
+            m.bias.copy_(0.1 * torch.randn(shape, generator=g))
+            m.running_mean.copy_(0.1 * torch.randn(shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(shape, generator=g))
+            m.num_batches_tracked.fill_(7)
+    return bns
 
 
 def torch_stages(model, x):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from benchmarks.__main__ import batches_for, comparison_cases, lever_cases, parse_args
-from benchmarks.config import FLAX_FAST_INFER, FLAX_FAST_TRAIN, YNN_OFF, Case, FlaxOptions
+from benchmarks.__main__ import batches_for, comparison_cases, lever_cases, parse_args, workloads
+from benchmarks.config import FLAX_FAST_INFER, FLAX_FAST_TRAIN, YNN_OFF, Case, FlaxOptions, conv_lever_applies
 from benchmarks.harness import Result, Sample, Timing
 from benchmarks.report import comparison_rows, foreign_cpu, lever_rows
 
@@ -68,24 +68,21 @@ def test_cli_plan():
     assert [c.impl for c in levers] == ["torch", "plain", "ynn-off"]
 
 
-def test_fast_maxpool_equals_nnx_max_pool_with_gradients():
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from benchmarks.maxpool import max_pool_3x3s2
-
-    rng = np.random.default_rng(0)
-    # Post-ReLU integers: many exact ties, where only the first maximum of a window may get the gradient.
-    x = jnp.asarray(np.maximum(np.round(rng.normal(size=(2, 12, 10, 3)) * 2), 0), jnp.float32)
-    ct = jnp.asarray(rng.normal(size=(2, 6, 5, 3)), jnp.float32)
-
-    def reference(x):
-        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-    y_ref, back_ref = jax.vjp(reference, x)
-    y, back = jax.vjp(max_pool_3x3s2, x)
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
-    np.testing.assert_allclose(np.asarray(back(ct)[0]), np.asarray(back_ref(ct)[0]), rtol=0, atol=1e-6)
-    assert float(jnp.abs(back(ct)[0]).sum()) > 1.0
+def test_sweep_plan_and_conv_lever_column():
+    sweep = parse_args(["--sweep"])
+    assert workloads(sweep, "resnet50", "train") == [(32, 64), (64, 64), (112, 64), (224, 16)]
+    # The conv lever changes the program only where the last stage's map is 2x2 or smaller (<= 64 px).
+    assert [conv_lever_applies(s) for s in (32, 64, 65, 112, 224)] == [True, True, False, False, False]
+    small = comparison_cases(sweep, "resnet18", "train", 64, "float32", 64)
+    assert [c.impl for c in small] == ["torch", "flax-fast", "flax-fast-xlaconv"]
+    assert small[1].flax.conv == "auto" and small[2].flax.conv == "xla"
+    assert small[2].flax.cpu_compiler_options == small[1].flax.cpu_compiler_options
+    assert [c.impl for c in comparison_cases(sweep, "resnet18", "train", 16, "float32", 224)] == ["torch", "flax-fast"]
+    two_sizes = parse_args(["--image-size", "64", "96", "--batch", "4"])
+    assert workloads(two_sizes, "resnet18", "infer") == [(64, 4), (96, 4)]
+    group = [result("torch", [1.0]), result("flax-fast", [0.5]), result("flax-fast-xlaconv", [2.0])]
+    header, rows = comparison_rows([group], with_compile=False)
+    row = dict(zip(header, rows[0]))
+    assert row["fast/torch"] == "2.00" and row["conv lever"] == "4.00" and row["px"] == "224"
+    header, _ = comparison_rows([group[:2]], with_compile=False)
+    assert "conv lever" not in header

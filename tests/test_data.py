@@ -265,10 +265,10 @@ def test_folder_with_train_and_val_subfolders_is_used_as_is(tmp_path: Path) -> N
 
 
 def test_folder_with_validation_subfolder_is_recognised(tmp_path: Path) -> None:
-    _write_class_folder(tmp_path / "train", {"a": 2})
-    _write_class_folder(tmp_path / "validation", {"a": 1})
+    _write_class_folder(tmp_path / "train", {"a": 2, "b": 1})
+    _write_class_folder(tmp_path / "validation", {"a": 1, "b": 1})
     splits = data.load_splits(data_dir=tmp_path)
-    assert (len(splits.train), len(splits.val), splits.class_names) == (2, 1, ["a"])
+    assert (len(splits.train), len(splits.val), splits.class_names) == (3, 2, ["a", "b"])
 
 
 def _one_line_error(match: str, **kwargs) -> str:
@@ -439,7 +439,7 @@ def test_eval_pads_last_batch_and_covers_each_example_once() -> None:
 
 
 def test_eval_batches_match_eval_transform(tmp_path: Path) -> None:
-    _write_class_folder(tmp_path, {"a": 3})
+    _write_class_folder(tmp_path, {"a": 2, "b": 1})
     source = data.load_splits(data_dir=tmp_path, val_fraction=0.0).train
     batch = _load(source, batch_size=3, train=False, image_size=24, resize_size=28)[0]
     for i in range(3):
@@ -466,7 +466,7 @@ def test_corrupt_image_is_masked_counted_and_logged(tmp_path: Path, caplog: pyte
 
 
 def test_truncated_jpeg_is_corrupt_not_fatal(tmp_path: Path) -> None:
-    _write_class_folder(tmp_path, {"a": 2}, size=(64, 64))
+    _write_class_folder(tmp_path, {"a": 2, "b": 1}, size=(64, 64))
     good = min((tmp_path / "a").glob("*.jpg"))
     (tmp_path / "a" / "truncated.jpg").write_bytes(good.read_bytes()[:200])
     source = data.load_splits(data_dir=tmp_path, val_fraction=0.0).train

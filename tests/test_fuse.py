@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import resnet_flax
-from resnet_flax.fuse import CPU_COMPILER_OPTIONS, fold_batchnorm
+from resnet_flax.conv import CPU_EVAL_OPTIONS
+from resnet_flax.fuse import fold_batchnorm
 from resnet_flax.io import abstract_model, load_flat_state
 
 
@@ -100,5 +101,16 @@ def test_cpu_compiler_options_compile_and_keep_the_logits():
     model = random_model(resnet_flax.arch_config("resnet18", num_classes=10), seed=6)
     x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 64, 64, 3)), jnp.float32)
     apply_fn, params = fold_batchnorm(model)
-    got = jax.jit(apply_fn, compiler_options=CPU_COMPILER_OPTIONS)(params, x)
+    got = jax.jit(apply_fn, compiler_options=CPU_EVAL_OPTIONS)(params, x)
     assert rel_err(got, eval_logits(model, x)) < 1e-5
+
+
+def test_inference_fn_is_the_folded_eval_forward_and_reads_the_model_once():
+    model = random_model(resnet_flax.arch_config("resnet18", num_classes=10), seed=8)
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 32, 32, 3)), jnp.float32)  # 1x1 last-stage map
+    expected = eval_logits(model, x)
+    forward = resnet_flax.inference_fn(model)
+    assert rel_err(forward(x), expected) < 1e-5
+    model.fc.bias[...] = model.fc.bias[...] + 1.0  # later changes to the model are not seen: call it again
+    assert rel_err(forward(x), expected) < 1e-5
+    assert rel_err(resnet_flax.inference_fn(model)(x), expected + 1.0) < 1e-5

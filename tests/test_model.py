@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
 import torch
 import torchvision
 from flax import nnx
@@ -13,6 +14,7 @@ from flax import nnx
 import resnet_flax
 from resnet_flax.io import abstract_model
 from resnet_flax.layers import BatchNorm
+from resnet_flax.model import TIMM_ARCHS, AvgPoolShortcut, ResNetConfig, se_channels
 
 
 def n_params(model) -> int:
@@ -20,16 +22,22 @@ def n_params(model) -> int:
 
 
 @pytest.mark.parametrize("name", resnet_flax.list_models())
-def test_parameter_count_matches_torchvision(name):
+def test_parameter_count_matches_torchvision_and_timm(name):
     with torch.device("meta"):
-        expected = sum(p.numel() for p in getattr(torchvision.models, name)().parameters())
+        ref = timm.create_model(name) if name in TIMM_ARCHS else getattr(torchvision.models, name)()
+    expected = sum(p.numel() for p in ref.parameters())
     assert n_params(abstract_model(resnet_flax.arch_config(name))) == expected
 
 
 def test_factories_and_registry():
     assert resnet_flax.list_models() == [
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-        "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+        "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", *TIMM_ARCHS]
+    assert TIMM_ARCHS == ("resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d",
+                          "resnet10t", "resnet14t", "seresnet50", "seresnext50_32x4d")
+    for name in resnet_flax.list_models():
+        assert getattr(resnet_flax, name).__name__ == name and name in getattr(resnet_flax, name).__doc__
+        assert resnet_flax.arch_name(resnet_flax.arch_config(name, num_classes=3)) == name
     m = resnet_flax.resnet18(num_classes=3)
     assert m.config == resnet_flax.arch_config("resnet18", num_classes=3)
     with pytest.raises(ValueError, match=r"unknown architecture 'resnet19'.*resnet18"):
@@ -157,6 +165,8 @@ def test_reset_classifier_gives_a_fresh_head():
     m.eval()
     assert m(jnp.zeros((1, 32, 32, 3))).shape == (1, 7)
     assert resnet_flax.arch_config("resnet50", num_classes=7) == m.config
+    m.reset_classifier(0)  # headless, as timm: __call__ gives the pooled features
+    assert m.fc is None and m.config.num_classes == 0 and m(jnp.zeros((1, 32, 32, 3))).shape == (1, 2048)
 
 
 def batchnorm_stats(x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
@@ -192,7 +202,8 @@ def test_masked_examples_do_not_move_batchnorm_statistics():
         np.testing.assert_allclose(a, b, rtol=2 * np.finfo(np.float32).eps, atol=1e-6)
 
 
-def test_masked_examples_do_not_move_a_train_step():
+@pytest.mark.parametrize("arch", ["resnet18", "resnet10t"])  # resnet10t: BatchNorms in the deep stem and shortcuts
+def test_masked_examples_do_not_move_a_train_step(arch):
     """Through the model and train.steps: a batch with masked placeholders trains as its clean examples do."""
     from train.steps import OptimConfig, create_train_state, jit_steps, make_optimizer
 
@@ -201,7 +212,7 @@ def test_masked_examples_do_not_move_a_train_step():
     labels = np.array([0, 1, 2, 3], np.int32)
     cfg = OptimConfig(total_steps=2, optimizer="sgd", lr=0.1, warmup_steps=0, label_smoothing=0.0)
     tx = make_optimizer(cfg)
-    graphdef, state0 = create_train_state(resnet_flax.resnet18(num_classes=4, seed=0), tx)
+    graphdef, state0 = create_train_state(resnet_flax.create_model(arch, num_classes=4, seed=0), tx)
     step, _ = jit_steps(graphdef, tx, cfg)
 
     def after(images, labels, mask):
@@ -220,3 +231,68 @@ def test_masked_examples_do_not_move_a_train_step():
     assert 0 < noise < 1e-3, noise
     assert float(np.max(np.abs(masked - ref))) <= 3 * noise
     assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+# --- timm's options: deep stem, average-pool shortcuts, squeeze-and-excitation ------------------
+
+def stage_shapes(model, shape):
+    """Shapes of ``model.stages`` on an input of ``shape``, traced abstractly (no compute)."""
+    out = nnx.eval_shape(lambda m, x: m.stages(x), model, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return {k: v.shape for k, v in out.items()}
+
+
+def test_timm_options_structure():
+    m = abstract_model(resnet_flax.arch_config("resnet10t", num_classes=4))
+    assert [type(layer).__name__ for layer in m.conv1] == ["Conv", "BatchNorm", "ReLU", "Conv", "BatchNorm", "ReLU",
+                                                           "Conv"]
+    assert [m.conv1[i].kernel.shape for i in (0, 3, 6)] == [(3, 3, 3, 24), (3, 3, 24, 32), (3, 3, 32, 64)]
+    assert isinstance(m.layer2[0].downsample[0], AvgPoolShortcut) and m.layer2[0].downsample[0].stride == 2
+    assert stage_shapes(m, (1, 48, 40, 3)) == {  # ceil mode on odd sizes
+        "layer1": (1, 12, 10, 64), "layer2": (1, 6, 5, 128), "layer3": (1, 3, 3, 256), "layer4": (1, 2, 2, 512)}
+    assert abstract_model(resnet_flax.arch_config("resnet50d")).conv1[0].kernel.shape == (3, 3, 3, 32)
+    se = abstract_model(resnet_flax.arch_config("seresnet50")).layer4[0].se
+    assert se.fc1.kernel.shape == (1, 1, 2048, 128) and se.fc2.bias.shape == (2048,)
+
+
+def test_timm_options_with_dilation():
+    config = resnet_flax.arch_config("resnet26d", replace_stride_with_dilation=(False, True, True))
+    assert stage_shapes(abstract_model(config), (1, 64, 64, 3)) == {
+        "layer1": (1, 16, 16, 256), "layer2": (1, 8, 8, 512), "layer3": (1, 8, 8, 1024), "layer4": (1, 8, 8, 2048)}
+
+
+def test_timm_options_initialisation():
+    m = resnet_flax.resnet10t(num_classes=4, seed=1)  # the smallest; timm inits SE and stem convs like the rest
+    k = np.asarray(m.conv1[3].kernel[...])  # (3, 3, 24, 32): fan_out = 3*3*32
+    assert abs(k.std() - np.sqrt(2.0 / (9 * 32))) / np.sqrt(2.0 / (9 * 32)) < 0.05
+    np.testing.assert_array_equal(np.asarray(m.conv1[1].scale[...]), 1.0)
+
+
+@pytest.mark.parametrize("size", [(6, 6), (7, 5), (1, 3)])
+def test_avg_pool_shortcut_matches_torch(size):
+    x = np.random.default_rng(0).standard_normal((2, 4, *size)).astype(np.float32)
+    ref = torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)(torch.from_numpy(x)).numpy()
+    out = AvgPoolShortcut(2)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, rtol=1e-6, atol=1e-7)
+    same = timm.layers.AvgPool2dSame(2, 1, ceil_mode=True, count_include_pad=False)(torch.from_numpy(x)).numpy()
+    out = AvgPoolShortcut(1, dilation=2)(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), same, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(AvgPoolShortcut(1)(jnp.asarray(x)), x)
+
+
+def test_se_channels_are_timms():
+    for c in (8, 64, 100, 128, 200, 256, 1000, 2048):
+        assert se_channels(c) == timm.layers.make_divisible(c / 16, 8, round_limit=0.0), c
+
+
+def test_timm_option_errors():
+    with pytest.raises(ValueError, match="stem_type must be one of"):
+        ResNetConfig("basic", (1, 1, 1, 1), stem_type="wide")
+    with pytest.raises(ValueError, match="stem_width 32 needs a deep stem"):
+        ResNetConfig("basic", (1, 1, 1, 1), stem_width=32)
+    with pytest.raises(ValueError, match="avg_down must be true or false"):
+        ResNetConfig("basic", (1, 1, 1, 1), avg_down=1)
+    c = ResNetConfig("bottleneck", (1, 2, 1, 1), stem_type="deep", stem_width=16, avg_down=True, se=True)
+    assert ResNetConfig.from_dict(c.to_dict()) == c and resnet_flax.arch_name(c) is None
+    old = {k: v for k, v in resnet_flax.arch_config("resnet18").to_dict().items()
+           if k not in ("stem_type", "stem_width", "avg_down", "se")}  # a header written before these options
+    assert ResNetConfig.from_dict(old) == resnet_flax.arch_config("resnet18")

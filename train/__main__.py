@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
@@ -9,17 +10,29 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import parse_config
 
     cfg = parse_config(argv)
+    if cfg.compile_only:  # in a child process: libtpu stays out of this one
+        from train.compile_only import run_isolated
+
+        return run_isolated(sys.argv[1:] if argv is None else argv, cfg.topology)
     from resnet_flax.io import WeightsError
+    from train.checkpoint import CheckpointWriteError
     from train.errors import DataError, NonFiniteLoss, RunError
+    from train.lock import WorkdirError, workdir_lock
     from train.loop import run
 
     try:
-        run(cfg)
+        # Multi-host runs share the workdir across machines, where a lock file would be shared too: unlocked.
+        with contextlib.nullcontext() if cfg.distributed else workdir_lock(cfg.workdir):
+            run(cfg)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (DataError, RunError, WeightsError) as e:
+    except (DataError, RunError, WeightsError, WorkdirError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full or read-only disk while writing metrics.jsonl, curves.png or TensorBoard events
+        print(f"error: cannot write {e.filename or 'to ' + str(cfg.workdir)} ({e.strerror or e}); free space or "
+              "fix permissions, then rerun to resume from the last checkpoint", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)

@@ -1,11 +1,17 @@
 """Orbax checkpoints of the train state plus the loop position, keeping the last K and the best.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run killed
-mid-write leaves no directory that ``latest_step`` would pick up.
+mid-write leaves no directory that ``latest_step`` would pick up, and it deletes old checkpoints only after
+a new one is committed, so a failed write (full or read-only disk) keeps the earlier ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +19,24 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from train.steps import TrainState
+from resnet_flax.io import WeightsError, first_line
+from train.steps import TrainState, all_finite
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only); the message is one line naming the fix."""
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Drop orbax's logged tracebacks of a failed save: :class:`Checkpoints` reports the failure in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
 
 
 class Checkpoints:
@@ -36,20 +59,37 @@ class Checkpoints:
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None,
              force: bool = False) -> bool:
-        """Save at ``step``; ``metrics`` (with ``val_top1``) marks epoch-end checkpoints eligible as best."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            metrics=metrics,
-            force=force,
-        )
+        """Save at ``step``; ``metrics`` (with ``val_top1``) marks epoch-end checkpoints eligible as best.
+
+        The caller checks that ``state`` is finite (``train_step``'s ``state_finite``); a previous asynchronous
+        save that failed raises :class:`CheckpointWriteError` here.
+        """
+        with self._write_errors():
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                metrics=metrics,
+                force=force,
+            )
 
     def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of ``target``."""
+        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of ``target``.
+
+        A checkpoint that cannot be read (tampered, truncated, another model) or holds non-finite weights
+        raises :class:`WeightsError` in one line.
+        """
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(_restore_target, target)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        where = self.directory / str(step)
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, OSError, ... on damaged files
+            raise WeightsError(f"checkpoint {where} cannot be read ({first_line(e)}); delete it to resume from "
+                               "an earlier one, or start afresh in a new --workdir") from None
+        if not bool(all_finite(restored.state.params, restored.state.batch_stats)):
+            raise WeightsError(f"checkpoint {where} holds non-finite (NaN/inf) weights; delete it to use an "
+                               "earlier one, or start afresh in a new --workdir")
         return restored.state, restored.meta
 
     def best_step(self) -> int | None:
@@ -59,14 +99,47 @@ class Checkpoints:
         return max(scored)[1] if scored else None
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:
+            raise WeightsError(f"checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); "
+                               "delete it to use an earlier one, or start afresh in a new --workdir") from None
 
     def wait(self) -> None:
-        """Block until any asynchronous save has been committed."""
-        self.manager.wait_until_finished()
+        """Block until any asynchronous save has been committed (:class:`CheckpointWriteError` if it failed)."""
+        with self._write_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with self._write_errors():
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Turn a failed checkpoint write into one :class:`CheckpointWriteError`, removing its partial files."""
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except Exception as e:
+            self.remove_partial()
+            complete = sorted(int(p.name) for p in self.directory.glob("*") if p.name.isdigit())
+            kept = f"the last complete checkpoint (step {complete[-1]}) is kept" if complete else "none was complete"
+            raise CheckpointWriteError(f"cannot write a checkpoint in {self.directory} ({_reason(e)}); {kept}; "
+                                       "free space or fix the folder's permissions, then rerun to resume") from None
+
+    def remove_partial(self) -> None:
+        """Delete the temporary directories of checkpoints whose write failed (they may fill the disk)."""
+        for p in self.directory.glob(f"*{TMP_SUFFIX}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _reason(e: BaseException) -> str:
+    """The OS error behind a failed write (tensorstore reports it as ``[os_error_code='28']``)."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    return os.strerror(int(code.group(1))) if code else first_line(e)
 
 
 def _restore_target(x) -> jax.ShapeDtypeStruct:

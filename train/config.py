@@ -12,7 +12,7 @@ from resnet_flax.layers import COMPUTE_DTYPES
 from resnet_flax.model import ARCHS
 
 DEFAULT_ARCH = "resnet34"
-GROUPS = ("model", "data", "optimisation", "run")
+GROUPS = ("model", "data", "optimisation", "run", "tpu sizing")
 
 
 def flag(default: Any, help: str, group: str, *, metavar: str | None = None, choices: list[str] | None = None,
@@ -79,6 +79,12 @@ class TrainConfig:
     distributed: bool = flag(False, "multi-host: call jax.distributed.initialize() (TPU pods, SLURM/GPU clusters)",
                              "run")
     progress: bool = flag(True, "no progress bar", "run")
+    # sizing for a TPU, without one
+    compile_only: bool = flag(False, "compile the run's train/eval steps for --topology and print memory per chip vs "
+                                     "HBM, FLOPs, the roofline images/s and the collectives; trains nothing (needs "
+                                     "the tpu extra)", "tpu sizing")
+    topology: str | None = flag(None, "TPU topology for --compile-only: v5e:2x4, v6e:2x4, v5p:2x2x1, v4:2x2x1, "
+                                      "v5e:16x16 (64 hosts), ...", "tpu sizing", metavar="NAME")
 
     def __post_init__(self):
         for name in ("workdir", "data_dir", "tfds_data_dir", "init_from"):
@@ -138,6 +144,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         p.error("--max-steps must be at least 1")
     if not 0 <= cfg.label_smoothing < 1:
         p.error("--label-smoothing must be in [0, 1)")
+    if cfg.compile_only != (cfg.topology is not None):
+        p.error("--compile-only and --topology NAME go together (e.g. --compile-only --topology v5e:2x4)")
     if cfg.eval_only and cfg.init_from is None and not (cfg.workdir / "checkpoints").is_dir():
         p.error("--eval-only needs --init-from PATH or a --workdir with checkpoints")
     return cfg

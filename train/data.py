@@ -142,6 +142,17 @@ def load_splits(
     return _tfds_splits(dataset, tfds_data_dir, val_fraction)
 
 
+def count_classes(dataset: str = "tf_flowers", data_dir: str | os.PathLike | None = None,
+                  tfds_data_dir: str | None = None) -> int:
+    """The class count of what :func:`load_splits` opens, from metadata alone: no image read or downloaded."""
+    if data_dir is not None or dataset == "synthetic":
+        return load_splits(dataset, data_dir).num_classes  # lists files or makes nothing: cheap
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(tfds, dataset, tfds_data_dir)
+    return builder.info.features[_tfds_keys(builder, dataset)[1]].num_classes
+
+
 def _synthetic_splits(size: int, num_classes: int, val_fraction: float) -> Splits:
     """Synthetic train/val splits with different seeds so val images are not train images."""
     if size < 1 or num_classes < 1:
@@ -160,13 +171,14 @@ def _folder_splits(root: Path, val_fraction: float, split_seed: int) -> Splits:
         raise DataError(f"data folder {root} does not exist or is not a folder; {FOLDER_LAYOUT}")
     split_dirs = _find_split_dirs(root)
     if split_dirs is not None:
-        return _presplit_folder(*split_dirs)
+        return _presplit_folder(root, *split_dirs)
     class_names = _class_dirs(root)
     if not class_names:
         raise DataError(f"data folder {root} has no class sub-folders; {FOLDER_LAYOUT}")
-    per_class = [_image_files(root / name) for name in class_names]
+    per_class = _scan_classes(root, root, class_names)
     if not any(per_class):
         raise DataError(f"data folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)}); {FOLDER_LAYOUT}")
+    _check_classes(root, class_names, per_class)
     train, val = _stratified_split(per_class, val_fraction, split_seed)
     return Splits(train=train, val=val, class_names=class_names)
 
@@ -182,17 +194,39 @@ def _find_split_dirs(root: Path) -> tuple[Path, Path] | None:
     return train_dir, val_dirs[0]
 
 
-def _presplit_folder(train_dir: Path, val_dir: Path) -> Splits:
+def _presplit_folder(root: Path, train_dir: Path, val_dir: Path) -> Splits:
     """Splits from explicit train/ and val/ folders; class names come from train/'s sub-folders."""
     class_names = _class_dirs(train_dir)
     unknown = sorted(set(_class_dirs(val_dir)) - set(class_names))
     if unknown:
         raise DataError(f"{val_dir} has classes missing from {train_dir}: {unknown[:5]}; use the same class folders")
-    train = _file_source([_image_files(train_dir / name) for name in class_names])
-    val = _file_source([_image_files(val_dir / name) for name in class_names])
-    if len(train) == 0:
+    per_class = _scan_classes(root, train_dir, class_names)
+    if not any(per_class):
         raise DataError(f"{train_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); {FOLDER_LAYOUT}")
-    return Splits(train=train, val=val, class_names=class_names)
+    _check_classes(train_dir, class_names, per_class)
+    val_per_class = _scan_classes(root, val_dir, class_names)
+    no_val = [name for name, files in zip(class_names, val_per_class) if not files]
+    if no_val:
+        logger.warning("%s has no images of %d class(es) (%s); their validation accuracy is not measured",
+                       val_dir, len(no_val), _some(no_val))
+    return Splits(train=_file_source(per_class), val=_file_source(val_per_class), class_names=class_names)
+
+
+def _check_classes(folder: Path, class_names: list[str], per_class: Sequence[Sequence[str]]) -> None:
+    """Refuse what would train on something other than the folder shows: a folder of class folders given one
+    level too high, class folders without images (a dead class in the head), or a single class."""
+    if len(class_names) == 1:
+        nested = folder / class_names[0]
+        inner = [d for d in _class_dirs(nested) if _image_files(nested / d, folder)]
+        if len(inner) > 1:
+            raise DataError(f"{folder} holds only the folder {nested}, which holds class folders "
+                            f"({_some(inner)}); pass --data-dir {nested}")
+        raise DataError(f"{folder} has a single class folder ({class_names[0]}): a classifier needs at least "
+                        "two classes; add one sub-folder of images per class")
+    empty = [name for name, files in zip(class_names, per_class) if not files]
+    if empty:
+        raise DataError(f"class folder(s) {_some(empty)} in {folder} have no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the empty folders")
 
 
 def _class_dirs(folder: Path) -> list[str]:
@@ -200,17 +234,80 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[str]:
+def _scan_classes(root: Path, folder: Path, class_names: Sequence[str]) -> list[list[str]]:
+    """Image paths of each class folder of ``folder``; an image reached from two classes is refused."""
+    scanned = [_walk_images(folder / name, root) if (folder / name).is_dir() else [] for name in class_names]
+    owner: dict[str, str] = {}
+    for name, files in zip(class_names, scanned):
+        for _, real in files:
+            if owner.setdefault(real, name) != name:
+                raise DataError(f"{real} is an image of both class {owner[real]} and class {name} (through a "
+                                f"symbolic link under {folder}); remove the link so each image has one label")
+    return [sorted(path for path, _ in files) for files in scanned]
+
+
+def _image_files(folder: Path, root: Path | None = None) -> list[str]:
     """Sorted image paths (by extension, case-insensitive) anywhere under ``folder``, hidden entries skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(
-            os.path.join(dirpath, f)
-            for f in filenames
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-        )
-    return sorted(found)
+    return sorted(path for path, _ in _walk_images(folder, root))
+
+
+def _walk_images(folder: Path, root: Path | None = None) -> list[tuple[str, str]]:
+    """(path, real path) of each image under ``folder``, following symbolic links but reading each image and
+    folder once: a link back to ``folder`` or a parent (a loop) or to something already read is skipped with
+    a warning; a link into another class folder of the data folder ``root`` is refused (its images would get
+    this class's label)."""
+    folder_real = os.path.realpath(folder)
+    root_real = os.path.realpath(root if root is not None else folder)
+    seen, skipped, found = {folder_real}, [], []
+
+    def follow(path: str, real: str) -> bool:
+        if real in seen or folder_real.startswith(real + os.sep):
+            skipped.append(f"{path} -> {real}")
+            return False
+        if real.startswith(root_real + os.sep) and not real.startswith(folder_real + os.sep):
+            raise DataError(f"{path} links to {real}, outside its class folder {folder} but inside the data "
+                            f"folder {root_real}: its images would be labelled {Path(folder).name}; "
+                            "remove the link or move the images")
+        seen.add(real)
+        return True
+
+    stack = [(os.fspath(folder), folder_real)]
+    while stack:
+        dirpath, dir_real = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"cannot read the folder {dirpath} ({e.strerror}); fix its permissions") from None
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            is_dir = e.is_dir()  # follows links
+            if not is_dir and not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            if e.is_symlink():
+                if not follow(e.path, os.path.realpath(e.path)):
+                    continue
+                real = os.path.realpath(e.path)
+            else:
+                real = os.path.join(dir_real, e.name)
+                if real in seen:
+                    skipped.append(f"{e.path} (read already through a link)")
+                    continue
+                seen.add(real)
+            if is_dir:
+                stack.append((e.path, real))
+            else:
+                found.append((e.path, real))
+    if skipped:
+        logger.warning("%s: skipped %d symbolic link(s) to images or folders already read (a loop or a repeat), "
+                       "so each image is read once: %s", folder, len(skipped), _some(skipped, 2))
+    return found
+
+
+def _some(items: Sequence[str], n: int = 5) -> str:
+    """The first ``n`` items, comma-separated, with a count of the rest."""
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def _file_source(per_class: Sequence[Sequence[str]]) -> FileSource:

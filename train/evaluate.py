@@ -16,10 +16,15 @@ from train.steps import TrainState
 
 
 def evaluate(eval_step: Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]], state: TrainState,
-             splits: Splits, cfg: TrainConfig, sharding: NamedSharding) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over the whole validation split (padding is masked out)."""
+             splits: Splits, cfg: TrainConfig, sharding: NamedSharding, image_size: int | None = None,
+             resize_size: int | None = None) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the whole validation split (padding is masked out).
+
+    ``image_size``/``resize_size`` override the run's eval crop and resize (a weights file's own transform).
+    """
     sums: dict[str, Any] = {}
-    loader = make_loader(splits.val, batch_size=cfg.batch_size, image_size=cfg.image_size, train=False,
+    loader = make_loader(splits.val, batch_size=cfg.batch_size, image_size=image_size or cfg.image_size,
+                         train=False, resize_size=resize_size,
                          seed=cfg.seed, num_workers=cfg.num_workers, process_index=jax.process_index(),
                          process_count=jax.process_count())
     corrupt = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from typing import Any
 
 import jax
 
@@ -11,12 +13,12 @@ from train.config import TrainConfig
 from train.data import load_splits, make_loader, steps_per_epoch
 from train.errors import NonFiniteLoss, RunError
 from train.evaluate import evaluate, format_eval
-from train.mesh import make_mesh, prefetch
+from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
 from train.progress import Progress, log
-from train.run_file import check_same_run, write_run_file
-from train.steps import OptimConfig, create_train_state, jit_steps, make_optimizer
+from train.run_file import RUN_FILE, check_same_run, write_run_file
+from train.steps import OptimConfig, build_steps
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
@@ -26,13 +28,14 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     splits = load_splits(cfg.dataset, cfg.data_dir, str(cfg.tfds_data_dir) if cfg.tfds_data_dir else None,
                          val_fraction=cfg.val_fraction)
     replicated, batch_sharding = make_mesh()
-    if cfg.batch_size % jax.device_count():
-        raise RunError(f"--batch-size {cfg.batch_size} is not divisible by the {jax.device_count()} devices; "
-                       f"use a multiple of {jax.device_count()}")
+    check_batch_size(cfg.batch_size, batch_sharding)
     spe = steps_per_epoch(len(splits.train), cfg.batch_size)
+    if spe == 0 and not cfg.eval_only:
+        fits = len(splits.train) // jax.device_count() * jax.device_count()
+        fix = f"pass --batch-size {fits} or less" if fits else "add training images"
+        raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images; {fix}")
     total_steps = cfg.max_steps or cfg.epochs * spe
     optim = OptimConfig.for_run(cfg, total_steps)
-    tx = make_optimizer(optim)
 
     # The model: the workdir's own when resuming, else fresh or --init-from; then state and compiled steps.
     ckpts = None if cfg.eval_only and cfg.init_from else Checkpoints(cfg.workdir, cfg.keep_checkpoints)
@@ -43,10 +46,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         check_same_run(cfg)
     model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
     model_config = model.config
-    graphdef, state = create_train_state(model, tx)
+    state, train_step, eval_step = build_steps(model, optim, replicated, batch_sharding)
     del model
     state = jax.device_put(state, replicated)
-    train_step, eval_step = jit_steps(graphdef, tx, optim, replicated, batch_sharding)
 
     position = {"step": 0, "epoch": 0, "batch": 0}
     if resuming:
@@ -58,7 +60,14 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     progress = None
     try:
         if cfg.eval_only:
-            result = evaluate(eval_step, state, splits, cfg, batch_sharding)
+            crop, resize = cfg.image_size, None
+            if cfg.init_from and cfg.image_size == TrainConfig.image_size:  # the weights' own eval transform
+                import convert
+
+                t = convert.eval_settings(cfg.init_from)[1]
+                crop, resize = t.crop_size, t.resize_size
+                log(f"evaluating as the weights file records: resize {resize}, centre crop {crop}")
+            result = evaluate(eval_step, state, splits, cfg, batch_sharding, crop, resize)
             metrics.write({"step": int(position["step"]), "epoch": int(position["epoch"]), **result})
             log(format_eval(result))
             return result
@@ -66,7 +75,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         write_run_file(cfg, model_config, splits.class_names)
         metrics.truncate_after(int(position["step"]))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
-            f"{len(splits.train)} images ({splits.num_classes} classes), validating on {len(splits.val)}; "
+            f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "
             f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch {cfg.batch_size}, "
             f"{spe} steps/epoch, {total_steps} steps, peak lr {optim.lr:g}")
 
@@ -89,7 +98,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 train_log.add(step_metrics)
                 progress.step_queued(step, step_metrics)
                 save_now = step % cfg.checkpoint_every == 0 and batch_idx < spe and step < total_steps
-                if step % cfg.log_every == 0 or save_now:  # never checkpoint a state whose loss went non-finite
+                if step % cfg.log_every == 0 or save_now:  # checks the state about to be saved
                     check_finite(train_log.flush(step, epoch, skipped), step, ckpts)
                 if save_now:
                     ckpts.save(step, state, {"step": step, "epoch": epoch, "batch": batch_idx,
@@ -103,6 +112,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 start_batch = batch_idx
             if (start_batch == 0 and epoch % cfg.eval_every_epochs == 0) or step >= total_steps:
                 last_eval = evaluate(eval_step, state, splits, cfg, batch_sharding)
+                check_finite_eval(last_eval, step, ckpts)
                 if last_eval:
                     metrics.write({"step": step, "epoch": epoch + (start_batch > 0), **last_eval})
                     log(f"epoch {epoch + (start_batch > 0)}/{num_epochs} step {step}: {format_eval(last_eval)}")
@@ -123,12 +133,41 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             ckpts.wait()
             ckpts.close()
         if jax.process_index() == 0 and not cfg.eval_only:
-            plot_curves(cfg.workdir / "metrics.jsonl", cfg.workdir / "curves.png")
+            try:
+                plot_curves(cfg.workdir / "metrics.jsonl", cfg.workdir / "curves.png")
+            except OSError as e:  # a full or read-only disk: the run's own outcome is what gets reported
+                print(f"warning: cannot write {cfg.workdir / 'curves.png'} ({e.strerror or e})", file=sys.stderr)
 
 
-def check_finite(loss: float | None, step: int, ckpts: Checkpoints) -> None:
-    """Stop (keeping the last good checkpoint) once the training loss is NaN or infinite."""
-    if loss is not None and not math.isfinite(loss):
-        raise NonFiniteLoss(f"the training loss became {loss} by step {step}; stopped without saving. "
-                            f"The last good checkpoint (step {ckpts.latest_step()}) is kept in {ckpts.directory}; "
-                            "lower --lr or raise --warmup-steps, then rerun to resume from it")
+def check_finite(host_metrics: list[dict[str, Any]], step: int, ckpts: Checkpoints) -> None:
+    """Stop once a step's loss or the state it produced (weights, BN statistics) is NaN or infinite."""
+    first = step - len(host_metrics) + 1
+    for i, m in enumerate(host_metrics):
+        if not bool(m["state_finite"]) or not math.isfinite(float(m["train_loss"])):
+            what = "loss" if not math.isfinite(float(m["train_loss"])) else "weights"
+            raise NonFiniteLoss(f"the training {what} became non-finite (NaN/inf) at step {first + i}; stopped "
+                                f"without saving it. {_kept(ckpts)}; lower --lr or raise --warmup-steps, then "
+                                "rerun to resume from it")
+
+
+def check_finite_eval(result: dict[str, float], step: int, ckpts: Checkpoints) -> None:
+    """Stop, without saving, when the validation loss of the state at ``step`` is NaN or infinite."""
+    if result and not math.isfinite(result["val_loss"]):
+        raise NonFiniteLoss(f"the validation loss became {result['val_loss']} at step {step} (the weights "
+                            f"overflow); stopped without saving them. {_kept(ckpts)}; lower --lr or raise "
+                            "--warmup-steps, then rerun to resume from it")
+
+
+def _kept(ckpts: Checkpoints) -> str:
+    ckpts.wait()
+    last = ckpts.latest_step()
+    if last is None:
+        return "No checkpoint was saved before"
+    return f"The last good checkpoint (step {last}) is kept in {ckpts.directory}"
+
+
+def describe_classes(names: list[str], limit: int = 20) -> str:
+    """``3 classes: a, b, c`` (the first ``limit`` names; run.json holds all)."""
+    shown = ", ".join(names[:limit]) + (f", ... (+{len(names) - limit} more in {RUN_FILE})" if len(names) > limit
+                                        else "")
+    return f"{len(names)} classes: {shown}"

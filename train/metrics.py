@@ -96,14 +96,14 @@ class TrainLog:
     def add(self, step_metrics: dict[str, Any]) -> None:
         self.pending.append(step_metrics)
 
-    def flush(self, step: int, epoch: int, skipped: int) -> float | None:
-        """Write the mean of the pending steps' metrics (unless the loss is not finite); returns that loss."""
+    def flush(self, step: int, epoch: int, skipped: int) -> list[dict[str, Any]]:
+        """Write the mean of the pending steps' metrics (unless one is not finite); returns each step's metrics."""
         if not self.pending:
-            return None
+            return []
         host, self.pending = jax.device_get(self.pending), []
         loss = float(np.mean([m["train_loss"] for m in host]))
-        if not math.isfinite(loss):
-            return loss
+        if not (math.isfinite(loss) and all(bool(m["state_finite"]) for m in host)):
+            return host
         now = time.perf_counter()
         ips = (step - self.step_last) * self.batch_size / max(now - self.t_last, 1e-9)
         self.t_last, self.step_last = now, step
@@ -114,4 +114,4 @@ class TrainLog:
             record["skipped_images"] = skipped
         self.metrics.write(record)
         self.progress.show(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{ips:.0f}")
-        return loss
+        return host

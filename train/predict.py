@@ -10,17 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
+from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError, first_line
 from resnet_flax.model import ResNet, ResNetConfig
+from resnet_flax.weights import EvalTransform
 from train.errors import DataError
 from train.run_file import RUN_FILE
-
-IMAGENET_CLASSES = Path(__file__).with_name("imagenet_classes.txt")
-
-
-def imagenet_class_names() -> list[str]:
-    return IMAGENET_CLASSES.read_text().splitlines()
 
 
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
@@ -29,9 +26,17 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     from train.run_file import read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
-    run = read_run_file(workdir)
-    config = ResNetConfig.from_dict(run["model"])
-    tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
+    try:
+        run = read_run_file(workdir)
+        config = ResNetConfig.from_dict(run["model"])
+        tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
+        names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
+                           "pass the --workdir of a complete run") from None
+    if len(names) != config.num_classes:
+        raise WeightsError(f"{workdir / RUN_FILE} names {len(names)} classes for a {config.num_classes}-class "
+                           "model (damaged?); pass the --workdir of a complete run")
     graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx))
     ckpts = Checkpoints(workdir, async_save=False)
     step = ckpts.best_step() or ckpts.latest_step()
@@ -41,35 +46,45 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     ckpts.close()
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     model.eval()
-    return model, run["class_names"], int(run["flags"]["image_size"])
+    return model, names, size
 
 
-def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int]:
-    """(model, class names, image size) from a workdir, a converted file or a PyTorch checkpoint."""
-    if checkpoint.is_dir():
+def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int | EvalTransform]:
+    """(model, class names, image size or the eval transform the file records) from a workdir, a converted file
+    or a PyTorch checkpoint."""
+    if checkpoint.is_dir() and not (checkpoint / "config.json").exists():
         if not (checkpoint / RUN_FILE).exists():
             raise WeightsError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
     import convert
 
-    model = convert.load_model(checkpoint)
-    n = model.config.num_classes
-    names = imagenet_class_names() if n == 1000 else [f"class {i}" for i in range(n)]
-    return model, names, 224
+    model, info = convert.load_with_info(checkpoint)
+    names, transform = info.eval_settings(model.config.num_classes)
+    return model, names, transform
 
 
-def predict(model: ResNet, images: list[Path], image_size: int) -> np.ndarray:
-    """Softmax probabilities for each image file, with torchvision's evaluation transform."""
+def predict(model: ResNet, images: list[Path], image_size: int | EvalTransform) -> np.ndarray:
+    """Softmax probabilities for each image file, with torchvision's evaluation transform (or the given one)."""
     from train.transforms import eval_transform, load_image
 
+    t = image_size if isinstance(image_size, EvalTransform) else None
+    kw = {"interpolation": t.interpolation, "mean": t.mean, "std": t.std} if t else {}
     batch = []
     for path in images:
         try:
-            batch.append(eval_transform(load_image(path), image_size))
-        except (OSError, ValueError) as e:
+            batch.append(eval_transform(load_image(path), t.crop_size if t else image_size,
+                                        t.resize_size if t else None, **kw))
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{path}: refused, the image is too large to decode safely ({first_line(e)}); "
+                            "pass a smaller image") from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"{path}: cannot read the image ({first_line(e)}); pass a JPEG/PNG file") from None
-    logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(np.stack(batch)))
-    return np.asarray(jax.nn.softmax(logits, axis=-1))
+    logits = inference_fn(model)(jnp.asarray(np.stack(batch)))
+    probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+    if not np.all(np.isfinite(probs)):
+        raise WeightsError("the model's outputs are not finite (NaN/inf): its weights are broken or overflow; "
+                           "use another checkpoint (an earlier step of the run) or weights file")
+    return probs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a training --workdir (best checkpoint), a .flax.safetensors or a PyTorch checkpoint "
-                        "(1000 classes: ImageNet names)")
+                        "(class names and eval transform as the file records them; else ImageNet's for 1000 classes)")
     p.add_argument("--top-k", type=int, default=5, help="how many classes to print")
-    p.add_argument("--image-size", type=int, help="crop size (default: the run's, or 224)")
+    p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
+                                                  "records, or 224)")
     args = p.parse_args(argv)
     try:
         for path in args.images:

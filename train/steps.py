@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from resnet_flax.fuse import CPU_COMPILER_OPTIONS
+from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
 from train.config import TrainConfig
 
@@ -107,12 +107,19 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def all_finite(*trees: Any) -> jax.Array:
+    """True when every element of every array in ``trees`` is finite (one fused reduction under ``jit``)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
+
+
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
                state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
 
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
     batch. Masked-out examples (unreadable images) are excluded from the loss and the BatchNorm statistics.
+    ``state_finite`` checks the state this step returns (the one a checkpoint would save), not just the loss
+    computed before the update.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
 
@@ -130,6 +137,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
         "train_top1": _masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), batch["mask"]),
         "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(cfg)(state.step),
+        "state_finite": all_finite(params, batch_stats),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
@@ -152,38 +160,30 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
     }
 
 
-# XLA:CPU options measured side by side against PyTorch (benchmarks/README.md): jaxlib 0.10's default
-# YNNPACK fusion makes the ResNet training step 2-4.6x slower on CPU; reduce-only fusion is fastest for
-# training, no YNNPACK fusion for inference. Other backends get no options.
-CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-CPU_EVAL_OPTIONS = CPU_COMPILER_OPTIONS
-
-
-@functools.cache
-def _cpu_options_supported(items: tuple[tuple[str, str], ...]) -> bool:
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(jnp.zeros(())).compile()
-        return True
-    except Exception:  # an XLA that does not know the option: compile without it
-        return False
-
-
-def cpu_compiler_options(options: dict[str, str]) -> dict[str, str] | None:
-    """``options`` when running on CPU with an XLA that accepts them, else None."""
-    if jax.default_backend() != "cpu" or not _cpu_options_supported(tuple(sorted(options.items()))):
-        return None
-    return options
-
-
 def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
               state_sharding: Any = None, batch_sharding: Any = None
               ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable[[TrainState, Batch], dict]]:
-    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated."""
+    """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated.
+
+    The CPU compiler options go only to a CPU compile: a TPU compile from a CPU-only process
+    (``--compile-only``) is decided by the mesh's devices, not by JAX's default backend.
+    """
+    platform = state_sharding.mesh.devices.flat[0].platform if state_sharding is not None else "cpu"
+    cpu = platform == "cpu"
     train = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0,
                     in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
                     out_shardings=(state_sharding, None) if state_sharding is not None else None,
-                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS))
+                    compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS) if cpu else None)
     evaluate = jax.jit(functools.partial(eval_step, graphdef),
                        in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
-                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS))
+                       compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS) if cpu else None)
     return train, evaluate
+
+
+def build_steps(model: ResNet, cfg: OptimConfig, state_sharding: Any, batch_sharding: Any
+                ) -> tuple[TrainState, Callable, Callable]:
+    """(fresh host-side state, train_step, eval_step) of ``model``: what a run and ``--compile-only`` compile."""
+    tx = make_optimizer(cfg)
+    graphdef, state = create_train_state(model, tx)
+    train, evaluate = jit_steps(graphdef, tx, cfg, state_sharding, batch_sharding)
+    return state, train, evaluate

@@ -66,11 +66,12 @@ def _array_to_image(arr: np.ndarray) -> Image.Image:
     raise ValueError(f"expected an HxW or HxWx{{1,3,4}} image array, got shape {arr.shape}")
 
 
-def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
-    """``ToTensor`` + ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` in float32, HWC layout."""
+def normalize(img: Image.Image | np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """``ToTensor`` + ``Normalize(mean, std)`` (ImageNet's by default) in float32, HWC layout."""
     x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
     return (x - mean) / std
 
 
@@ -123,12 +124,15 @@ def resized_output_size(height: int, width: int, size: int) -> tuple[int, int]:
     return new_h, new_w
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resize_shorter(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """``transforms.Resize(size)`` on a PIL image: shorter side to ``size``, PIL bilinear (antialiased)."""
     new_h, new_w = resized_output_size(img.height, img.width, size)
     if (new_h, new_w) == (img.height, img.width):
         return img
-    return img.resize((new_w, new_h), Image.BILINEAR)
+    return img.resize((new_w, new_h), RESAMPLE[interpolation])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -164,7 +168,9 @@ def train_transform(
     return normalize(img)
 
 
-def eval_transform(img: Image.Image, crop_size: int, resize_size: int | None = None) -> np.ndarray:
+def eval_transform(img: Image.Image, crop_size: int, resize_size: int | None = None, *,
+                   interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Resize(shorter side) + CenterCrop(crop_size) + normalise -> float32 [crop_size, crop_size, 3]."""
     resize_size = default_resize_size(crop_size) if resize_size is None else resize_size
-    return normalize(center_crop(resize_shorter(img, resize_size), crop_size))
+    return normalize(center_crop(resize_shorter(img, resize_size, interpolation), crop_size), mean, std)

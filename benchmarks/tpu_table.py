@@ -1,0 +1,145 @@
+"""``python -m benchmarks.tpu_table``: the README's TPU sizing table, from ``--compile-only`` compiles (no TPU).
+
+For each architecture and single-host slice: the train step compiled at 128 images a chip (memory per chip,
+FLOPs per image, roofline, collectives), then the largest global batch that fits (found by compiling), and
+one pod-scale multi-host compile. Each compile runs in its own child, isolated as ``--compile-only`` is
+(:func:`train.compile_only.run_isolated`'s environment, no network). Slow on a small machine: run it niced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from train.compile_only import isolation_env, no_network_prefix
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+SLICES = {"v5e-8": "v5e:2x4", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1"}
+POD = ("resnet50", "v5e-256", "v5e:16x16")
+PER_CHIP = 128
+IMAGE_SIZE = 224
+
+
+def child(arch: str, topology: str, per_chip: int, search: bool) -> dict[str, Any]:
+    """One configuration, in the isolated child: the report at ``per_chip`` images a chip (+ the largest batch)."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    from train import compile_only as co
+    from train.config import parse_config
+    from train.mesh import PREFETCH_BATCHES
+
+    devices = co.topology_devices(topology)
+    _, per_device = co.chip_of(devices)
+    batch = per_chip * len(devices) // per_device
+    cfg = parse_config(["--arch", arch, "--dtype", "bfloat16", "--image-size", str(IMAGE_SIZE), "--batch-size",
+                        str(batch), "--dataset", "synthetic", "--compile-only", "--topology", topology])
+    classes = 1000  # the ImageNet head
+    compiled = co.compile_steps(cfg, devices, classes)
+    report = co.build_report(cfg, topology, devices, compiled, classes)
+    if search:
+        t0 = time.perf_counter()
+
+        def used(b: int) -> float:
+            c = co.compile_steps(dataclasses.replace(cfg, batch_size=b), devices, classes, train_only=True)
+            return co.memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
+
+        peak = max(m["total"] for m in report["memory"].values())
+        report["largest_fitting_batch"] = co.largest_fitting_batch(len(devices), used, report["hbm_per_device"],
+                                                                   {batch: peak})
+        report["search_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def run_child(arch: str, topology: str, search: bool) -> dict[str, Any]:
+    cmd = [*no_network_prefix(), sys.executable, "-m", "benchmarks.tpu_table", "--child", arch, topology,
+           str(PER_CHIP), str(int(search))]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=isolation_env(topology), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{arch} on {topology} failed:\n{out.stderr[-3000:]}")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def _collectives(r: dict[str, Any]) -> str:
+    parts = []
+    for kind, s in r["collectives"].items():
+        mib = s["bytes"] / 2**20
+        parts.append(f"{s['count']} {kind} ({mib:.0f} MiB)")
+    return ", ".join(parts)
+
+
+def _groups(r: dict[str, Any]) -> list[int]:
+    return sorted({g for s in r["collectives"].values() for g in s["groups"]})
+
+
+def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None) -> str:
+    """The README's table (and the pod-scale line)."""
+    lines = ["| arch | slice | memory/chip at 128 img/chip (args + temps) | of HBM | largest global batch that fits "
+             "| GFLOPs/image (XLA; dense conv+fc fwd x3) | roofline img/s (compute; HBM traffic) | collectives/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        m = r["memory"]["train"]
+        rf = r["roofline"]
+        lines.append(
+            f"| {r['arch']} | {name} ({r['devices']} chips) | {m['total'] / 2**30:.2f} GiB "
+            f"({m['arguments'] / 2**30:.2f} + {m['temporaries'] / 2**30:.2f}) | {r['hbm_per_device'] / 2**30:.1f} GiB "
+            f"| {r.get('largest_fitting_batch', 'n/a')} | {r['flops_per_image'] / 1e9:.2f} "
+            f"({3 * r['forward_dense_flops_per_image'] / 1e9:.2f}) | {rf['images_per_s']:,.0f} "
+            f"({rf['compute_images_per_s']:,.0f}; {rf['hbm_images_per_s']:,.0f}) | {_collectives(r)} |")
+    if pod:
+        m = pod["memory"]["train"]
+        lines.append("")
+        lines.append(
+            f"Pod scale: {pod['arch']} on {POD[1]} (`--topology {pod['topology']}`: {pod['devices']} chips, "
+            f"{pod['hosts']} hosts), global batch {pod['global_batch']}: compiled in {pod['compile_seconds']:.0f} s "
+            f"(train + eval; {pod['wall_seconds']:.0f} s for the whole child), {m['total'] / 2**30:.2f} GiB per chip "
+            f"({m['arguments'] / 2**30:.2f} arguments + {m['temporaries'] / 2**30:.2f} temporaries) of "
+            f"{pod['hbm_per_device'] / 2**30:.1f} GiB, roofline {pod['roofline']['images_per_s']:,.0f} images/s, "
+            f"{_collectives(pod)}, all over groups of {_groups(pod)} devices.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tpu_table", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench-results/tpu_table.json"), help="all reports as JSON")
+    p.add_argument("--arch", nargs="+", default=list(ARCHS), help="architectures")
+    p.add_argument("--slice", nargs="+", default=list(SLICES), choices=list(SLICES), help="single-host slices")
+    p.add_argument("--no-search", action="store_true", help="skip the largest-batch search (one compile each)")
+    p.add_argument("--no-pod", action="store_true", help="skip the pod-scale compile")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        arch, topology, _, search = args.child
+        print(json.dumps(child(arch, topology, PER_CHIP, search == "1"), default=str))
+        return 0
+    rows, done = [], {}
+    if args.out.exists():  # resume: a long run killed part-way keeps what it finished
+        done = {(r["arch"], r["topology"]): r for r in json.loads(args.out.read_text())}
+    todo = [(a, n, SLICES[n], not args.no_search) for n in args.slice for a in args.arch]
+    if not args.no_pod:
+        todo.append((POD[0], POD[1], POD[2], False))
+    for arch, name, topology, search in todo:
+        r = done.get((arch, topology))
+        if r is None or (search and "largest_fitting_batch" not in r):
+            r = run_child(arch, topology, search)
+        done[(arch, topology)] = r
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(list(done.values()), indent=1))
+        print(f"{arch} {name}: {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
+        rows.append((name, r))
+    pod = rows.pop()[1] if not args.no_pod else None
+    print(markdown(rows, pod))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

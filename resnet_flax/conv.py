@@ -1,0 +1,158 @@
+"""How a convolution runs on each backend: XLA's convolution, or patches then one matmul where XLA:CPU is slow.
+
+XLA:CPU's convolution is very slow on small feature maps (a 3x3 conv, 512 -> 512 channels on a 2x2 map runs at
+about 2 GFLOP/s; openxla/xla#34273, jax-ml/jax#31662). The same arithmetic as "im2col" (pad, the kh*kw shifted
+windows concatenated on the channel axis, one matmul; grouped convs as a group-batched matmul) runs at matmul
+speed there. :func:`cpu_form` decides per layer from static shapes which form the CPU compiles; other
+backends always get XLA's convolution (``jax.lax.platform_dependent``, so a program lowered for a GPU or TPU
+carries no trace of the other form). Both forms agree to float32 rounding, forward and backward.
+
+This module is also the one home of the XLA:CPU compile options the project uses (``CPU_TRAIN_OPTIONS``,
+``CPU_EVAL_OPTIONS``, :func:`cpu_compiler_options`), since they too select how convolutions run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Form = Literal["xla", "matmul"]
+Policy = Literal["auto", "xla", "matmul"]
+
+# jaxlib 0.10's XLA:CPU sends convolutions (and reductions) to YNNPACK by default; its weight-gradient
+# convolutions are very slow and its forward ones slower than XLA's Eigen path on the machines measured
+# (benchmarks/README.md). Training keeps YNNPACK for the BatchNorm reductions only; inference uses none.
+# Process-wide equivalents: XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce (training) or =
+# (inference). Other backends get no options.
+CPU_TRAIN_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+CPU_EVAL_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+_policy: contextvars.ContextVar[Policy] = contextvars.ContextVar("resnet_flax_conv_policy", default="auto")
+
+
+@contextlib.contextmanager
+def conv_policy(policy: Policy) -> Iterator[None]:
+    """Within the block, functions *traced* compute convolutions as ``policy`` says (for benchmarks and tests).
+
+    It is read when a function is traced: a ``jax.jit`` function already traced with other settings keeps
+    its compiled form (jit's cache does not see the policy), so apply it to freshly defined functions.
+
+    "auto" (the default) follows :func:`cpu_form` on CPU and XLA's convolution elsewhere; a form's name
+    uses that form on every backend ("xla" is ``lax.conv_general_dilated`` as is).
+    """
+    if policy != "auto" and policy not in FORMS:
+        raise ValueError(f"conv policy must be 'auto' or one of {sorted(FORMS)}, got {policy!r}")
+    token = _policy.set(policy)
+    try:
+        yield
+    finally:
+        _policy.reset(token)
+
+
+@functools.cache
+def _cpu_options_supported(items: tuple[tuple[str, Any], ...]) -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(items)).lower(jnp.zeros(())).compile()
+        return True
+    except Exception:  # an XLA that does not know the option: compile without it
+        return False
+
+
+def cpu_compiler_options(options: dict[str, Any]) -> dict[str, Any] | None:
+    """``options`` when the default backend is CPU and its XLA accepts them, else None (for ``jax.jit``)."""
+    if jax.default_backend() != "cpu" or not _cpu_options_supported(tuple(sorted(options.items()))):
+        return None
+    return options
+
+
+def cpu_form(in_size: int, in_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+             dilation: int = 1, groups: int = 1) -> Form:
+    """The fastest form of this square NHWC convolution on XLA:CPU (per-shape table in benchmarks/README.md).
+
+    - "matmul" when a spatial kernel's output map is 2x2 or smaller: XLA:CPU's convolution is 10-40x slower
+      there (forward or backward). From 4x4 up XLA is as fast or faster; 1x1 convs are matmuls for it already.
+    - "xla" otherwise, the 7x7/2 stem included (as patches-matmul it is 2-4x slower, and as a 4x4/1 conv on the
+      2x2 space-to-depth input no faster once its kernel gradient is counted).
+    """
+    out = (in_size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+    if kernel_size > 1 and out * out <= 4:
+        return "matmul"
+    return "xla"
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 0, dilation: int = 1,
+           groups: int = 1, precision: Any = None) -> jax.Array:
+    """NHWC ``x`` convolved with the HWIO ``kernel``, PyTorch's symmetric ``padding``, in the fastest form."""
+    args = (stride, padding, dilation, groups, precision)
+    policy = _policy.get()
+    if policy != "auto":
+        return FORMS[policy](x, kernel, *args)
+    _, h, w, cin = x.shape
+    kh, kw, _, _ = kernel.shape
+    form = cpu_form(h, cin, kh, *args[:4]) if h == w and kh == kw else "xla"
+    if form == "xla":
+        return _xla_conv(x, kernel, *args)
+    return lax.platform_dependent(
+        x, kernel, cpu=lambda a, b: FORMS[form](a, b, *args), default=lambda a, b: _xla_conv(a, b, *args))
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int, groups: int,
+              precision: Any) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((padding, padding), (padding, padding)), rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, precision=precision)
+
+
+def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int, groups: int,
+                 precision: Any) -> jax.Array:
+    """The convolution as the kh*kw strided windows of the padded input, concatenated, times the kernel."""
+    n, h, w, cin = x.shape
+    kh, kw, cin_g, cout = kernel.shape
+    out_h = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    windows = [
+        lax.slice(x, (0, i * dilation, j * dilation, 0),
+                  (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, cin),
+                  (1, stride, stride, 1))
+        for i in range(kh) for j in range(kw)]
+    kernel = kernel.astype(x.dtype)
+    if groups == 1:
+        patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+        return jnp.dot(patches, kernel.reshape(kh * kw * cin_g, cout), precision=precision)
+    taps = kh * kw
+    patches = jnp.stack(windows, axis=3).reshape(n, out_h, out_w, taps, groups, cin_g)
+    k = kernel.reshape(taps, cin_g, groups, cout // groups)
+    y = jnp.einsum("nhwtgc,tcgo->nhwgo", patches, k, precision=precision)
+    return y.reshape(n, out_h, out_w, cout)
+
+
+FORMS = {"xla": _xla_conv, "matmul": _matmul_conv}
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, **kwargs: Any) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated`` (as ``nnx.Conv(conv_general_dilated=...)`` calls it) routing
+    square 2D NHWC/HWIO convolutions with symmetric padding through :func:`conv2d`; anything else goes to XLA."""
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    nhwc = dn == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    strides, dil = tuple(window_strides), tuple(rhs_dilation or (1, 1))
+    pads = None if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+    simple = (nhwc and lhs.ndim == 4 and len(set(strides)) == 1 and len(set(dil)) == 1 and pads is not None
+              and len({p for pair in pads for p in pair}) == 1 and tuple(lhs_dilation or (1, 1)) == (1, 1)
+              and batch_group_count == 1 and not any(v is not None for v in kwargs.values()))
+    if not simple:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count, precision,
+                                        **kwargs)
+    return conv2d(lhs, rhs, strides[0], pads[0][0], dil[0], feature_group_count, precision)

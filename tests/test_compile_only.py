@@ -1,0 +1,125 @@
+"""``python -m train --compile-only``: the real run's steps compiled for TPU topologies, without a TPU.
+
+The two compiles (one host, four hosts) run side by side in children, the way users run them; each takes
+about a minute of CPU. Without libtpu (the ``tpu`` extra) they are skipped, except in CI, which installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.compile_only import accelerator_type, collectives, isolation_env, largest_fitting_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not os.environ.get("CI"),
+                                  reason="libtpu not installed: pip install -e '.[tpu]'")
+RESNET18_BATCHNORMS = 20  # bn1, 2 per basic block x 8, 3 downsample
+# (topology, devices, hosts, global batch): 16 images a device, so the optimizer's per-parameter FLOPs stay small
+CASES = {"one host": ("v5e:2x2", 4, 1, 64), "four hosts": ("v5e:4x4", 16, 4, 256)}
+
+
+def compile_only(*args: str, workdir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "train", "--compile-only", "--arch", "resnet18", "--image-size", "64",
+           "--dtype", "bfloat16", "--dataset", "synthetic", "--workdir", str(workdir), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    procs = {name: (compile_only("--topology", topo, "--batch-size", str(batch),
+                                 workdir=tmp_path_factory.mktemp(name.replace(" ", "_"))))
+             for name, (topo, _, _, batch) in CASES.items()}
+    out = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, stderr[-3000:]
+        workdir = Path(proc.args[proc.args.index("--workdir") + 1])
+        out[name] = (json.loads((workdir / "compile_only.json").read_text()), stdout, stderr)
+    return out
+
+
+@needs_libtpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_step_is_what_the_design_intends(reports, case):
+    report, stdout, stderr = reports[case]
+    topology, devices, hosts, batch = CASES[case]
+    assert (report["topology"], report["devices"], report["hosts"], report["global_batch"]) == \
+        (topology, devices, hosts, batch)
+    assert report["device_kind"] == "TPU v5 lite" and report["fits"] is True
+    assert report["memory"]["train"]["total"] <= report["hbm_per_device"]
+    assert "fits" in stdout and "roofline" in stdout and not stderr.strip()  # libtpu kept quiet
+
+    # XLA counts taps on the zero padding out, as the analytic count does; it also counts the elementwise
+    # work (BatchNorm, ReLU, loss, AdamW) that 3 x conv+fc leaves out: measured +3.1 % at 16 images a device.
+    excess = report["flops_per_image"] / report["analytic_flops_per_image"] - 1
+    assert 0 <= excess < 0.05, excess
+
+    sh = report["shardings"]
+    assert sh["state_replicated"] and sh["state_out_replicated"] and sh["mesh"] == {"data": devices}
+    assert set(sh["batch"]) == {"image", "label", "mask"}
+    assert all(spec == "P('data',)" for spec in sh["batch"].values()), sh["batch"]
+
+    coll = report["collectives"]
+    assert set(coll) == {"all-reduce"}, coll  # no all-gather of activations or parameters, no resharding
+    ar = coll["all-reduce"]
+    assert ar["groups"] == [devices]  # every reduction is over the whole data axis
+    assert ar["forward"] >= RESNET18_BATCHNORMS  # each BatchNorm's batch statistics (mean, then variance)
+    assert ar["backward"] >= RESNET18_BATCHNORMS  # each BatchNorm's gradient sums
+    assert ar["bytes"] >= 2 * report["params"]  # and every parameter's gradient (at least in bfloat16)
+    assert report["eval_collectives"]["all-reduce"]["count"] == 1  # eval: only the metric sums
+
+
+def test_largest_fitting_batch_searches_by_compiling_few_times():
+    tried = []
+
+    def used(b: int) -> float:  # a step's bytes: fixed state + activations, with a jump where layouts change
+        tried.append(b)
+        return 1.0e9 + 3.0e6 * b + (5.0e7 if b > 3000 else 0)
+
+    hbm = 14.9e9
+    for known in (8000, 1024, 8):
+        seed = {known: used(known)}
+        tried.clear()
+        best = largest_fitting_batch(8, used, hbm, seed)
+        assert len(tried) <= 4, tried  # compiles
+        assert best % 8 == 0 and used(best) <= hbm < used(best + 8)
+    assert largest_fitting_batch(8, lambda b: 2e10, hbm, {64: 2e10}) == 0
+
+
+def test_collectives_read_from_hlo():
+    hlo = """
+  %all-reduce.3 = (bf16[3,3,64,64]{3,2,1,0:T(8,128)(2,1)}, f32[10]{0}) all-reduce(%a, %b), channel_id=4, replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0','axis_1'}, to_apply=%r, metadata={op_name="jit(train_step)/transpose(jvp())/x"}
+  %ag = f32[8,128]{1,0} all-gather(%c), replica_groups=[2,4]<=[8], dimensions={0}
+  %ars = f32[64]{0} all-reduce-start(%d), replica_groups={{0,1},{2,3}}, metadata={op_name="jit(train_step)/jvp()/reduce_sum"}
+  %ard = f32[64]{0} all-reduce-done(%ars)
+"""  # noqa: E501
+    found = collectives(hlo, 8)
+    assert [(c["kind"], c["bytes"], c["group"]) for c in found] == \
+        [("all-reduce", 3 * 3 * 64 * 64 * 2 + 40, 8), ("all-gather", 8 * 128 * 4, 4), ("all-reduce", 256, 2)]
+    assert found[0]["dtypes"] == ["bf16", "f32"]
+
+
+def test_libtpu_is_kept_offline_and_out_of_the_parent():
+    env = isolation_env("v5e:2x4", {"PATH": "/bin"})
+    assert env["JAX_PLATFORMS"] == "cpu" and env["TPU_SKIP_MDS_QUERY"] == "1"
+    assert env["ALLOW_MULTIPLE_LIBTPU_LOAD"] == "1" and env["TPU_ACCELERATOR_TYPE"] == "v5litepod-8"
+    assert accelerator_type("v5p:2x2x1") == "v5p-8" and accelerator_type("v4:2x2x2") == "v4-16"
+    assert accelerator_type("nonsense") is None
+
+
+@needs_libtpu
+def test_bad_topology_and_flags_are_one_line_errors(tmp_path):
+    proc = compile_only("--topology", "v5e:3x3x3x3", workdir=tmp_path)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and stderr.strip().count("\n") == 0 and "--topology v5e:3x3x3x3" in stderr, stderr
+    proc = compile_only(workdir=tmp_path)  # --compile-only without --topology
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "--topology" in stderr.strip().splitlines()[-1]
