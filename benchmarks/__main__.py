@@ -25,7 +25,15 @@ from typing import Any
 
 from benchmarks.config import FLAX_PLAIN, LEVERS, Case, conv_lever_applies, fast_options, without_conv_lever
 from benchmarks.harness import ROOT, Result, Timing, last_line, measure
-from benchmarks.report import comparison_rows, converter_line, lever_rows, markdown, pipeline_rows, write_json
+from benchmarks.report import (
+    comparison_rows,
+    converter_line,
+    end_to_end_rows,
+    lever_rows,
+    markdown,
+    pipeline_rows,
+    write_json,
+)
 from benchmarks.worker import REPLY_PREFIX
 
 MODES = ("infer", "train")
@@ -57,7 +65,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plain", action="store_true", help="skip the plain-Flax column (only flax-fast)")
     p.add_argument("--levers", nargs="*", metavar="NAME", choices=list(LEVERS),
                    help=f"measure Flax levers (all, or those named: {', '.join(LEVERS)}) instead of the main table")
-    p.add_argument("--skip", nargs="*", default=[], choices=["models", "pipeline", "converter"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["models", "pipeline", "converter", "end-to-end"])
+    p.add_argument("--e2e-epochs", type=int, default=20,
+                   help="epochs of the end-to-end digits run (python -m train vs a plain PyTorch script)")
     p.add_argument("--max-foreign", type=float, default=0.15,
                    help="retry samples during which other processes used more than this share of the CPUs")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
@@ -213,14 +223,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload["results"] = [r.to_dict() for g in groups for r in g]
         tables.update(print_models(groups, args.levers is not None, args.torch_compile))
     if "pipeline" not in args.skip and args.levers is None:
-        log("input pipeline (decode + augment JPEGs):")
-        payload["pipeline"] = run_child("benchmarks.pipeline", ["--image-size", str(args.image_size[-1])])
+        log("input pipeline vs torchvision's DataLoader (decode + augment JPEGs):")
+        payload["pipeline"] = run_child("benchmarks.pipeline", [])
         if "error" in payload["pipeline"]:
             print(f"input pipeline: n/a ({payload['pipeline']['error']})")
         else:
             tables["pipeline"] = markdown(*pipeline_rows(payload["pipeline"]))
-            print(f"\ninput pipeline ({payload['pipeline']['batch_size']} per batch, 500x375 JPEG -> "
-                  f"{args.image_size[-1]}):\n{tables['pipeline']}")
+            print(f"\ninput pipeline ({payload['pipeline']['images']} JPEGs of 320-500 px -> RandomResizedCrop "
+                  f"{payload['pipeline']['image_size']} + flip + normalise, batch {payload['pipeline']['batch_size']}, "
+                  f"steady img/s):\n{tables['pipeline']}")
+    if "end-to-end" not in args.skip and args.levers is None:
+        log(f"end to end: resnet18 on digits, {args.e2e_epochs} epochs, plain PyTorch script vs python -m train:")
+        payload["end_to_end"] = run_child("benchmarks.end_to_end", ["--epochs", str(args.e2e_epochs)])
+        if "error" in payload["end_to_end"]:
+            print(f"end to end: n/a ({payload['end_to_end']['error']})")
+        else:
+            tables["end_to_end"] = markdown(*end_to_end_rows(payload["end_to_end"]))
+            print(f"\nend to end (resnet18, sklearn digits at 32 px, {args.e2e_epochs} epochs, batch 64, SGD):\n"
+                  f"{tables['end_to_end']}")
     if "converter" not in args.skip and args.levers is None:
         log("converter (wide_resnet101_2):")
         payload["converter"] = run_child("benchmarks.converter", [])

@@ -1,15 +1,29 @@
-"""Input pipeline on its own: decode + augment real JPEGs through ``train.data.make_loader``.
+"""Input pipeline against torchvision's DataLoader: decode + RandomResizedCrop + flip + normalise of real JPEGs.
 
-``python -m benchmarks.pipeline`` writes JPEGs into a temporary folder, then reads them as a training epoch
-(RandomResizedCrop, flip, normalise) with 0, 1 and 2 worker processes and reports images/s in total and per
-worker process (``num_workers=0`` decodes on threads of the main process; it counts as one). It prints one
-``@@bench`` JSON line, which ``python -m benchmarks`` collects.
+``python -m benchmarks.pipeline`` writes photo-like JPEGs of 320-500 px into a temporary folder, then reads
+them for several epochs, batch 32, with each implementation in a fresh process, the implementations taking
+turns (round-robin, ``--rounds`` times) at each worker count:
+
+- ``grain``: ``train.data.RunData``, as ``python -m train`` reads a run: one grain iterator for all epochs
+  (workers start once), uint8 batches (the jitted step normalises on the device), files held in memory.
+- ``grain-per-epoch``: the earlier form, ``make_loader`` per epoch with float32 host normalisation (workers
+  started again every epoch, files read from disk): what the levers above replaced.
+- ``torch``: ``torch.utils.data.DataLoader`` over ``RandomResizedCrop``, ``RandomHorizontalFlip``,
+  ``ToTensor``, ``Normalize`` on PIL images, ``shuffle=True``, ``drop_last=True``, and
+  ``persistent_workers=True`` (its best ordinary setting) when it has workers.
+
+"steady img/s" is over the epochs after the first; "1st epoch s" includes starting the workers. Prints one
+``@@bench`` JSON line, which ``python -m benchmarks`` collects. The child processes import neither jax nor
+resnet_flax (spawned grain workers re-import this module).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,15 +33,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.worker import REPLY_PREFIX, peak_rss_mb
+REPLY_PREFIX = "@@bench "  # as benchmarks.worker's, not imported: that module imports jax
+IMPLS = ("grain", "grain-per-epoch", "torch")
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_jpegs(folder: Path, count: int, width: int = 500, height: int = 375, seed: int = 0) -> list[str]:
-    """``count`` photo-like JPEGs (smooth colour fields plus grain; ImageNet's typical 500x375) in ``folder``."""
+def write_jpegs(folder: Path, count: int, seed: int = 0, sizes: tuple[int, int] = (320, 500)) -> list[str]:
+    """``count`` photo-like JPEGs, each side drawn from ``sizes`` (smooth colour fields, edges and grain)."""
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(count):
-        coarse = rng.integers(0, 256, size=(height // 25, width // 25, 3), dtype=np.uint8)
+        width, height = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
+        coarse = rng.integers(0, 256, size=(max(height // 25, 2), max(width // 25, 2), 3), dtype=np.uint8)
         smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
         pixels = smooth + rng.integers(-12, 13, size=smooth.shape, dtype=np.int16)
         path = folder / f"img_{i:05d}.jpg"
@@ -36,51 +53,143 @@ def write_jpegs(folder: Path, count: int, width: int = 500, height: int = 375, s
     return paths
 
 
-def time_epoch(paths: list[str], num_workers: int, batch_size: int, image_size: int) -> dict[str, Any]:
-    """One training epoch through ``make_loader``: images/s over the whole epoch, start-up included, and after
-    the first batch (steady state, though prefetched batches flatter it a little)."""
-    from train.data import FileSource, make_loader
+def grain_epochs(paths: list[str], workers: int, batch: int, size: int, epochs: int, per_epoch: bool):
+    """Batches of ``epochs`` epochs through train.data: one RunData, or make_loader (float32) per epoch."""
+    from train.data import FileSource, RunData, Segment, Splits, make_loader, steps_per_epoch
 
     source = FileSource(tuple(paths), tuple(i % 10 for i in range(len(paths))))
+    if per_epoch:
+        for epoch in range(epochs):
+            yield make_loader(source, batch_size=batch, image_size=size, train=True, seed=0, epoch=epoch,
+                              num_workers=workers)
+        return
+    spe = steps_per_epoch(len(paths), batch)
+    schedule = [Segment("train", e, 0, spe) for e in range(epochs)]
+    run = RunData(Splits(source, FileSource((), ())), schedule, batch_size=batch, image_size=size, seed=0,
+                  num_workers=workers)
+    try:
+        for epoch in range(epochs):
+            yield run.train(epoch, 0)
+    finally:
+        run.close()
+
+
+def torch_epochs(paths: list[str], workers: int, batch: int, size: int, epochs: int):
+    """Batches of ``epochs`` epochs through a torchvision DataLoader."""
+    import torch
+    from torchvision import transforms as T
+
+    from train.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(JpegFiles(paths, transform), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    for _ in range(epochs):
+        yield ((x, y) for x, y in loader)
+
+
+class JpegFiles:
+    """A map-style torch dataset of (image, label) as a user writes it (PIL open, RGB, transform)."""
+
+    def __init__(self, paths: list[str], transform: Any):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB")), i % 10
+
+
+def child(impl: str, folder: str, workers: int, batch: int, size: int, epochs: int) -> dict[str, Any]:
+    """Time ``epochs`` epochs of ``impl`` in this process; seconds and images of each epoch."""
+    paths = sorted(str(p) for p in Path(folder).glob("*.jpg"))
     t0 = time.perf_counter()
-    loader = make_loader(source, batch_size=batch_size, image_size=image_size, train=True, seed=0,
-                         num_workers=num_workers)
-    first = next(loader)
-    t_first = time.perf_counter()
-    images = len(first["label"])
-    for batch in loader:
-        images += len(batch["label"])
-    t_end = time.perf_counter()
-    if first["image"].shape != (batch_size, image_size, image_size, 3):
-        raise RuntimeError(f"unexpected batch shape {first['image'].shape}")
-    rate = images / (t_end - t0)
-    processes = max(num_workers, 1)
-    return {"num_workers": num_workers, "images_per_s": rate, "images_per_s_per_process": rate / processes,
-            "steady_images_per_s": (images - len(first["label"])) / max(t_end - t_first, 1e-9),
-            "first_batch_s": t_first - t0, "images": images}
+    if impl == "torch":
+        loaders = torch_epochs(paths, workers, batch, size, epochs)
+    else:
+        loaders = grain_epochs(paths, workers, batch, size, epochs, per_epoch=impl == "grain-per-epoch")
+    times, images = [], []
+    start = t0
+    for loader in loaders:
+        n = 0
+        for b in loader:
+            n += len(b[1] if impl == "torch" else b["label"])
+        now = time.perf_counter()
+        times.append(now - start)
+        images.append(n)
+        start = now
+    return {"impl": impl, "workers": workers, "epoch_s": times, "epoch_images": images,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
-def run(count: int, batch_size: int, image_size: int, workers: list[int]) -> dict[str, Any]:
-    """Write the JPEGs, time each worker count, and report."""
+def run_child(args: list[str]) -> dict[str, Any]:
+    """One ``--child`` process (niced like the caller); its JSON reply or an error record."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", *args], cwd=ROOT, capture_output=True,
+                          text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(REPLY_PREFIX):
+            return json.loads(line[len(REPLY_PREFIX):])
+    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return {"error": f"rc={proc.returncode}: {tail[-1][:300] if tail else ''}"}
+
+
+def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median steady img/s (epochs after the first) and median first-epoch seconds over the rounds."""
+    ok = [s for s in samples if "error" not in s]
+    if not ok:
+        return {"error": samples[0]["error"] if samples else "no samples"}
+    steady = [sum(s["epoch_images"][1:]) / sum(s["epoch_s"][1:]) for s in ok]
+    return {"steady_images_per_s": statistics.median(steady), "steady_samples": steady,
+            "first_epoch_s": statistics.median(s["epoch_s"][0] for s in ok),
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in ok)}
+
+
+def run(count: int, batch: int, size: int, workers: list[int], epochs: int, rounds: int,
+        impls: tuple[str, ...] = IMPLS, log: Any = None) -> dict[str, Any]:
+    """Write the JPEGs, then take turns: for each round, worker count and implementation, one child process."""
     with tempfile.TemporaryDirectory(prefix="bench-jpegs-") as tmp:
-        t0 = time.perf_counter()
         paths = write_jpegs(Path(tmp), count)
-        write_s = time.perf_counter() - t0
         mean_kb = float(np.mean([Path(p).stat().st_size for p in paths]) / 1024)
-        rows = [time_epoch(paths, w, batch_size, image_size) for w in workers]
-    return {"images": count, "jpeg_size": "500x375", "mean_jpeg_kb": mean_kb, "write_s": write_s,
-            "batch_size": batch_size, "image_size": image_size, "rows": rows, "peak_rss_mb": peak_rss_mb()}
+        samples: dict[tuple[str, int], list[dict[str, Any]]] = {(i, w): [] for i in impls for w in workers}
+        for r in range(rounds):
+            for w in workers:
+                for impl in impls:
+                    reply = run_child(["--child", impl, tmp, str(w), str(batch), str(size), str(epochs)])
+                    samples[(impl, w)].append(reply)
+                    if log:
+                        log(f"  round {r + 1} workers {w} {impl}: " + (reply.get("error") or " ".join(
+                            f"{n / s:.0f}" for n, s in zip(reply["epoch_images"], reply["epoch_s"])) + " img/s"))
+    rows = []
+    for w in workers:
+        row = {"num_workers": w, **{impl: summarise(samples[(impl, w)]) for impl in impls}}
+        rows.append(row)
+    return {"images": count, "jpeg_sizes": "320-500 px", "mean_jpeg_kb": mean_kb, "batch_size": batch,
+            "image_size": size, "epochs": epochs, "rounds": rounds, "rows": rows,
+            "samples": {f"{i}/{w}": s for (i, w), s in samples.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.pipeline``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--images", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, nargs="+", default=[2, 0])
+    p.add_argument("--epochs", type=int, default=3, help="epochs per child process (the first includes start-up)")
+    p.add_argument("--rounds", type=int, default=2, help="turns each implementation takes at each worker count")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--child", nargs=6, metavar=("IMPL", "DIR", "WORKERS", "BATCH", "SIZE", "EPOCHS"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    report = run(args.images, args.batch, args.image_size, args.workers)
+    if args.child:
+        impl, folder, *numbers = args.child
+        report = child(impl, folder, *map(int, numbers))
+    else:
+        report = run(args.images, args.batch, args.image_size, args.workers, args.epochs, args.rounds,
+                     tuple(args.impl), log=lambda m: print(m, file=sys.stderr, flush=True))
     sys.stdout.write(REPLY_PREFIX + json.dumps(report) + "\n")
     return 0
 

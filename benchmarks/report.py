@@ -112,10 +112,28 @@ def _share(share: float | None) -> str:
 
 
 def pipeline_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the input-pipeline measurement."""
-    header = ["num_workers", "img/s (epoch)", "img/s per process", "img/s after 1st batch", "1st batch s"]
-    rows = [[str(r["num_workers"]), fmt(r["images_per_s"]), fmt(r["images_per_s_per_process"]),
-             fmt(r["steady_images_per_s"]), fmt(r["first_batch_s"], ".2f")] for r in report.get("rows", [])]
+    """Header and rows of the input pipeline against torchvision's DataLoader (steady img/s, first epoch s)."""
+    header = ["num_workers", "grain img/s", "torch img/s", "grain/torch", "grain-per-epoch img/s",
+              "1st epoch s (grain, torch, grain-per-epoch)"]
+    rows = []
+    for r in report.get("rows", []):
+        ips = {k: r.get(k, {}).get("steady_images_per_s") for k in ("grain", "torch", "grain-per-epoch")}
+        first = ", ".join(fmt(r.get(k, {}).get("first_epoch_s")) for k in ("grain", "torch", "grain-per-epoch"))
+        rows.append([str(r["num_workers"]), fmt(ips["grain"]), fmt(ips["torch"]),
+                     fmt(ratio(ips["grain"], ips["torch"]), ".2f"), fmt(ips["grain-per-epoch"]), first])
+    return header, rows
+
+
+def end_to_end_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the end-to-end run: wall time and final validation top-1 of each command."""
+    header = ["command", "wall s", "val top-1 %", "torch wall / this wall"]
+    summary = report.get("summary", {})
+    torch_wall = summary.get("torch", {}).get("wall_s")
+    rows = []
+    for impl, label in (("torch", "plain PyTorch script"), ("flax", "python -m train")):
+        r = summary.get(impl, {})
+        rows.append([label, fmt(r.get("wall_s"), ".0f"), fmt(r.get("val_top1"), ".2f"),
+                     fmt(ratio(torch_wall, r.get("wall_s")), ".2f")])
     return header, rows
 
 

@@ -86,3 +86,21 @@ def test_sweep_plan_and_conv_lever_column():
     assert row["fast/torch"] == "2.00" and row["conv lever"] == "4.00" and row["px"] == "224"
     header, _ = comparison_rows([group[:2]], with_compile=False)
     assert "conv lever" not in header
+
+
+def test_pipeline_and_end_to_end_tables():
+    from benchmarks.pipeline import summarise
+    from benchmarks.report import end_to_end_rows, pipeline_rows
+
+    rounds = [{"epoch_s": [3.0, 1.0, 1.0], "epoch_images": [96, 96, 96], "peak_rss_mb": 10.0},
+              {"epoch_s": [2.0, 2.0, 2.0], "epoch_images": [96, 96, 96], "peak_rss_mb": 12.0}]
+    grain = summarise(rounds)
+    assert grain["steady_images_per_s"] == 72.0 and grain["first_epoch_s"] == 2.5  # median of 96 and 48
+    assert "error" in summarise([{"error": "rc=1: boom"}])
+    torch = {"steady_images_per_s": 48.0, "first_epoch_s": 4.0}
+    header, rows = pipeline_rows({"rows": [{"num_workers": 2, "grain": grain, "torch": torch}]})
+    row = dict(zip(header, rows[0]))
+    assert row["grain/torch"] == "1.50" and row["grain-per-epoch img/s"] == "n/a"
+    header, rows = end_to_end_rows({"summary": {"torch": {"wall_s": 86.0, "val_top1": 97.8},
+                                                "flax": {"wall_s": 43.0, "val_top1": 98.3}}})
+    assert [r[3] for r in rows] == ["1.00", "2.00"] and rows[1][2] == "98.30"

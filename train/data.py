@@ -14,6 +14,7 @@ count skips).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -26,9 +27,9 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from resnet_flax.io import first_line
+from resnet_flax.io import first_line, preview_keys
 from train.errors import DataError
-from train.transforms import eval_transform, load_image, train_transform
+from train.transforms import eval_crop, normalize, open_image, train_crop
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,52 @@ class FileSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self.paths[index], "label": self.labels[index]}
+
+
+@dataclass(frozen=True)
+class BytesSource:
+    """A :class:`FileSource` read into memory: every file's bytes in one buffer (grain pickles it to each worker
+    as one array), with the paths kept for error messages."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    buffer: np.ndarray  # uint8, all files back to back
+    offsets: np.ndarray  # int64 [len + 1]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        data = self.buffer[self.offsets[index]:self.offsets[index + 1]].tobytes()
+        return {"image": data, "label": self.labels[index], "path": self.paths[index]}
+
+
+# Each grain worker holds its own copy of an in-memory dataset (spawned workers receive it pickled), so at the
+# default 2 workers 256 MiB of files (train + val) cost ~0.75 GiB in all: tf_flowers (230 MB) fits, ImageNet
+# does not. Files in the page cache read fast anyway; this saves re-reading cold or network storage every epoch.
+IN_MEMORY_LIMIT = 256 * 2**20
+
+
+def in_memory(source: Source, limit: int = IN_MEMORY_LIMIT) -> Source:
+    """``source`` as a :class:`BytesSource` when it is a :class:`FileSource` whose files add up to at most
+    ``limit`` bytes (and all can be read now); otherwise ``source`` itself (read from disk per example)."""
+    if not isinstance(source, FileSource) or not len(source):
+        return source
+    sizes = []
+    try:
+        for path in source.paths:
+            sizes.append(os.stat(path).st_size)
+            if sum(sizes) > limit:  # stops after ~limit / file size stats on a big dataset
+                return source
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        buffer = np.empty(int(offsets[-1]), np.uint8)
+        for path, start, end in zip(source.paths, offsets[:-1], offsets[1:]):
+            with open(path, "rb") as f:
+                if f.readinto(memoryview(buffer)[start:end]) != end - start:
+                    return source  # changed while reading: leave it to the per-example path
+    except OSError:
+        return source  # the per-example path names the unreadable file
+    return BytesSource(source.paths, source.labels, buffer, offsets)
 
 
 @dataclass(frozen=True)
@@ -208,7 +255,7 @@ def _presplit_folder(root: Path, train_dir: Path, val_dir: Path) -> Splits:
     no_val = [name for name, files in zip(class_names, val_per_class) if not files]
     if no_val:
         logger.warning("%s has no images of %d class(es) (%s); their validation accuracy is not measured",
-                       val_dir, len(no_val), _some(no_val))
+                       val_dir, len(no_val), preview_keys(no_val))
     return Splits(train=_file_source(per_class), val=_file_source(val_per_class), class_names=class_names)
 
 
@@ -220,12 +267,12 @@ def _check_classes(folder: Path, class_names: list[str], per_class: Sequence[Seq
         inner = [d for d in _class_dirs(nested) if _image_files(nested / d, folder)]
         if len(inner) > 1:
             raise DataError(f"{folder} holds only the folder {nested}, which holds class folders "
-                            f"({_some(inner)}); pass --data-dir {nested}")
+                            f"({preview_keys(inner)}); pass --data-dir {nested}")
         raise DataError(f"{folder} has a single class folder ({class_names[0]}): a classifier needs at least "
                         "two classes; add one sub-folder of images per class")
     empty = [name for name, files in zip(class_names, per_class) if not files]
     if empty:
-        raise DataError(f"class folder(s) {_some(empty)} in {folder} have no images "
+        raise DataError(f"class folder(s) {preview_keys(empty)} in {folder} have no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the empty folders")
 
 
@@ -301,13 +348,8 @@ def _walk_images(folder: Path, root: Path | None = None) -> list[tuple[str, str]
                 found.append((e.path, real))
     if skipped:
         logger.warning("%s: skipped %d symbolic link(s) to images or folders already read (a loop or a repeat), "
-                       "so each image is read once: %s", folder, len(skipped), _some(skipped, 2))
+                       "so each image is read once: %s", folder, len(skipped), preview_keys(skipped, 2))
     return found
-
-
-def _some(items: Sequence[str], n: int = 5) -> str:
-    """The first ``n`` items, comma-separated, with a count of the rest."""
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def _file_source(per_class: Sequence[Sequence[str]]) -> FileSource:
@@ -471,7 +513,10 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, train: bool = Tru
 
 @dataclass(frozen=True)
 class ExampleLoader:
-    """Per-example decode + augment, a picklable grain map: index -> example dict (padding/corrupt masked)."""
+    """Per-example decode + augment, a picklable grain map: index -> example dict (padding/corrupt masked).
+
+    Images are uint8 unless ``normalize`` (then float32 ``ToTensor`` + ``Normalize`` on the host).
+    """
 
     source: Source
     num_examples: int
@@ -480,6 +525,7 @@ class ExampleLoader:
     seed: int
     epoch: int
     resize_size: int | None = None
+    normalize: bool = True
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         if index >= self.num_examples:
@@ -487,21 +533,22 @@ class ExampleLoader:
         record: dict[str, Any] = {}
         try:
             record = self.source[index]
-            image = load_image(record["image"])
+            image = open_image(record["image"])
             if self.train:
-                pixels = train_transform(image, self.image_size, example_rng(self.seed, self.epoch, index))
+                pixels = train_crop(image, self.image_size, example_rng(self.seed, self.epoch, index))
             else:
-                pixels = eval_transform(image, self.image_size, self.resize_size)
+                pixels = eval_crop(image, self.image_size, self.resize_size)
             label = int(record["label"])
         except Exception as e:
             logger.warning("skipping unreadable image %s: %s", _describe(record, index), first_line(e))
             return self._blank(corrupt=1)
-        return {"image": pixels, "label": np.int32(label), "mask": np.float32(1.0), "corrupt": np.int32(0)}
+        return {"image": normalize(pixels) if self.normalize else pixels, "label": np.int32(label),
+                "mask": np.float32(1.0), "corrupt": np.int32(0)}
 
     def _blank(self, corrupt: int) -> dict[str, np.ndarray]:
         """An all-zero, masked-out example (eval padding when ``corrupt=0``, unreadable image when 1)."""
         return {
-            "image": np.zeros((self.image_size, self.image_size, 3), np.float32),
+            "image": np.zeros((self.image_size, self.image_size, 3), np.float32 if self.normalize else np.uint8),
             "label": np.int32(0),
             "mask": np.float32(0.0),
             "corrupt": np.int32(corrupt),
@@ -510,6 +557,8 @@ class ExampleLoader:
 
 def _describe(record: dict[str, Any], index: int) -> str:
     """The file path when the example has one, else its index."""
+    if isinstance(record, dict) and "path" in record:
+        return str(record["path"])
     image = record.get("image") if isinstance(record, dict) else None
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image)
@@ -539,8 +588,13 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
     resize_size: int | None = None,
+    normalize: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of this host's batches (``batch_size`` is global), starting at global batch ``start_batch``."""
+    """One epoch of this host's batches (``batch_size`` is global), starting at global batch ``start_batch``.
+
+    A training run reads all its epochs and evaluations through one :class:`RunData` instead (its worker
+    processes start once); this is the one-pass form of the same batches.
+    """
     ds = build_epoch_dataset(
         source,
         batch_size=batch_size,
@@ -551,6 +605,7 @@ def make_loader(
         process_index=process_index,
         process_count=process_count,
         resize_size=resize_size,
+        normalize=normalize,
     )
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
@@ -571,6 +626,7 @@ def build_epoch_dataset(
     process_index: int = 0,
     process_count: int = 1,
     resize_size: int | None = None,
+    normalize: bool = True,
 ) -> grain.MapDataset:
     """Lazy MapDataset of this host's sub-batches for one epoch; ``ds[k]`` is its share of global batch k."""
     local_batch = _local_batch_size(batch_size, process_index, process_count)
@@ -586,8 +642,91 @@ def build_epoch_dataset(
         indices = indices[: num_batches * batch_size]
     else:
         indices = grain.MapDataset.range(num_batches * batch_size)  # indices >= num_examples are padding
-    examples = indices.map(ExampleLoader(source, num_examples, image_size, train, seed, epoch, resize_size))
+    examples = indices.map(ExampleLoader(source, num_examples, image_size, train, seed, epoch, resize_size,
+                                         normalize))
     return examples.batch(local_batch, drop_remainder=False)[process_index::process_count]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of a run's batches: training batches [start, stop) of ``epoch``, or one whole evaluation."""
+
+    kind: str  # "train" | "val"
+    epoch: int = 0
+    start: int = 0
+    stop: int = 0
+
+
+def run_schedule(steps_per_epoch_: int, total_steps: int, step: int, epoch: int, start_batch: int,
+                 eval_every_epochs: int = 1) -> list[Segment]:
+    """The segments a training loop at (step, epoch, start_batch) reads, in order, until ``total_steps``.
+
+    Training stops at ``total_steps``; an evaluation follows every ``eval_every_epochs``-th finished epoch
+    and the last segment.
+    """
+    segments = []
+    num_epochs = math.ceil(total_steps / steps_per_epoch_)
+    while epoch < num_epochs and step < total_steps:
+        stop = min(steps_per_epoch_, start_batch + total_steps - step)
+        segments.append(Segment("train", epoch, start_batch, stop))
+        step += stop - start_batch
+        epoch, start_batch = (epoch + 1, 0) if stop >= steps_per_epoch_ else (epoch, stop)
+        if (start_batch == 0 and epoch % eval_every_epochs == 0) or step >= total_steps:
+            segments.append(Segment("val"))
+    return segments
+
+
+class RunData:
+    """Every batch of a run, training epochs and evaluations in the order the loop reads them, from one grain
+    iterator: worker processes start once and prefetch across epoch ends and evaluations.
+
+    Batch order and content are those of :func:`make_loader` for each segment (same shuffles, augmentation
+    and resume position). Images are uint8; the jitted steps normalise them (``train.steps``).
+    """
+
+    def __init__(self, splits: Splits, schedule: Sequence[Segment], *, batch_size: int, image_size: int,
+                 seed: int, num_workers: int = 0, process_index: int = 0, process_count: int = 1,
+                 resize_size: int | None = None) -> None:
+        common = {"batch_size": batch_size, "image_size": image_size, "seed": seed, "normalize": False,
+                  "process_index": process_index, "process_count": process_count}
+        train_source = in_memory(splits.train) if any(s.kind == "train" for s in schedule) else splits.train
+        parts, self._pending = [], []
+        val = None
+        for seg in schedule:
+            if seg.kind == "train":
+                part = build_epoch_dataset(train_source, train=True, epoch=seg.epoch, **common)[seg.start:seg.stop]
+            else:
+                if val is None:
+                    held = int(train_source.offsets[-1]) if isinstance(train_source, BytesSource) else 0
+                    val_source = in_memory(splits.val, IN_MEMORY_LIMIT - held)
+                    val = build_epoch_dataset(val_source, train=False, resize_size=resize_size, **common)
+                part = val
+            self._pending.append((seg, len(part)))
+            parts.append(part)
+        parts = [p for p in parts if len(p)]
+        self._iterator = _iterate(_to_iter(grain.MapDataset.concatenate(parts), num_workers)) if parts else iter(())
+        self._next = 0
+
+    def train(self, epoch: int, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
+        """The batches of ``epoch`` from ``start_batch`` (to the schedule's stop)."""
+        return self._segment(Segment("train", epoch, start_batch))
+
+    def val(self) -> Iterator[dict[str, np.ndarray]]:
+        """One evaluation pass over the validation split (padded last batch masked out)."""
+        return self._segment(Segment("val"))
+
+    def _segment(self, wanted: Segment) -> Iterator[dict[str, np.ndarray]]:
+        seg, count = self._pending[self._next] if self._next < len(self._pending) else (None, 0)
+        if seg is None or (seg.kind, seg.epoch, seg.start) != (wanted.kind, wanted.epoch, wanted.start):
+            raise RuntimeError(f"the loop asked for {wanted}, but the run's schedule has {seg} next")
+        self._next += 1
+        return itertools.islice(self._iterator, count)
+
+    def close(self) -> None:
+        """Stop the worker processes (also when the run ends early)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
 
 
 def _local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:

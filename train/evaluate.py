@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 
-from train.config import TrainConfig
-from train.data import Splits, make_loader
 from train.mesh import prefetch
 from train.steps import TrainState
 
 
 def evaluate(eval_step: Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]], state: TrainState,
-             splits: Splits, cfg: TrainConfig, sharding: NamedSharding, image_size: int | None = None,
-             resize_size: int | None = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over the whole validation split (padding is masked out).
-
-    ``image_size``/``resize_size`` override the run's eval crop and resize (a weights file's own transform).
-    """
+             batches: Iterable[dict[str, np.ndarray]], sharding: NamedSharding) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the validation batches (``RunData.val()``; padding masked out)."""
     sums: dict[str, Any] = {}
-    loader = make_loader(splits.val, batch_size=cfg.batch_size, image_size=image_size or cfg.image_size,
-                         train=False, resize_size=resize_size,
-                         seed=cfg.seed, num_workers=cfg.num_workers, process_index=jax.process_index(),
-                         process_count=jax.process_count())
     corrupt = 0
-    for batch, n_bad in prefetch(loader, sharding):
+    for batch, n_bad in prefetch(batches, sharding):
         out = eval_step(state, batch)
         sums = out if not sums else jax.tree.map(jnp.add, sums, out)
         corrupt += n_bad

@@ -10,14 +10,14 @@ import jax
 
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.data import load_splits, make_loader, steps_per_epoch
+from train.data import RunData, Segment, load_splits, run_schedule, steps_per_epoch
 from train.errors import NonFiniteLoss, RunError
 from train.evaluate import evaluate, format_eval
 from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
 from train.progress import Progress, log
-from train.run_file import RUN_FILE, check_same_run, write_run_file
+from train.run_file import RUN_FILE, check_same_run, describe_changes, write_run_file
 from train.steps import OptimConfig, build_steps
 
 
@@ -42,8 +42,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     resuming = ckpts is not None and ckpts.latest_step() is not None
     if cfg.resume and not resuming:
         raise RunError(f"--resume: no checkpoint in {cfg.workdir / 'checkpoints'}; drop --resume to start afresh")
+    changed = {}
     if resuming and not cfg.eval_only:  # evaluating may use another batch size; it changes nothing
-        check_same_run(cfg)
+        changed = check_same_run(cfg, splits.class_names)
     model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
     model_config = model.config
     state, train_step, eval_step = build_steps(model, optim, replicated, batch_sharding)
@@ -57,7 +58,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             f"(epoch {position['epoch'] + 1}, batch {position['batch']})")
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(cfg.workdir, enabled=jax.process_index() == 0)
-    progress = None
+    progress = data = None
+    reader = {"batch_size": cfg.batch_size, "seed": cfg.seed, "num_workers": cfg.num_workers,
+              "process_index": jax.process_index(), "process_count": jax.process_count()}
     try:
         if cfg.eval_only:
             crop, resize = cfg.image_size, None
@@ -67,12 +70,16 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 t = convert.eval_settings(cfg.init_from)[1]
                 crop, resize = t.crop_size, t.resize_size
                 log(f"evaluating as the weights file records: resize {resize}, centre crop {crop}")
-            result = evaluate(eval_step, state, splits, cfg, batch_sharding, crop, resize)
+            data = RunData(splits, [Segment("val")], image_size=crop, resize_size=resize, **reader)
+            result = evaluate(eval_step, state, data.val(), batch_sharding)
             metrics.write({"step": int(position["step"]), "epoch": int(position["epoch"]), **result})
             log(format_eval(result))
             return result
 
-        write_run_file(cfg, model_config, splits.class_names)
+        if changed:
+            log(f"resuming with changed flags (--allow-changed-flags; recorded in {RUN_FILE}): "
+                f"{describe_changes(changed)}")
+        write_run_file(cfg, model_config, splits.class_names, changed, int(position["step"]))
         metrics.truncate_after(int(position["step"]))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
             f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "
@@ -85,14 +92,14 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         skipped = int(position.get("skipped_images", 0))
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
         num_epochs = math.ceil(total_steps / spe)
+        # One reader for every epoch and evaluation of the run: its workers start once and read ahead.
+        data = RunData(splits, run_schedule(spe, total_steps, step, epoch, start_batch, cfg.eval_every_epochs),
+                       image_size=cfg.image_size, **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
         while epoch < num_epochs and step < total_steps:
-            loader = make_loader(splits.train, batch_size=cfg.batch_size, image_size=cfg.image_size, train=True,
-                                 seed=cfg.seed, epoch=epoch, start_batch=start_batch, num_workers=cfg.num_workers,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
             batch_idx = start_batch
-            for batch, n_bad in prefetch(loader, batch_sharding):
+            for batch, n_bad in prefetch(data.train(epoch, start_batch), batch_sharding):
                 state, step_metrics = train_step(state, batch)
                 step, batch_idx, skipped = step + 1, batch_idx + 1, skipped + n_bad
                 train_log.add(step_metrics)
@@ -111,7 +118,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             else:
                 start_batch = batch_idx
             if (start_batch == 0 and epoch % cfg.eval_every_epochs == 0) or step >= total_steps:
-                last_eval = evaluate(eval_step, state, splits, cfg, batch_sharding)
+                last_eval = evaluate(eval_step, state, data.val(), batch_sharding)
                 check_finite_eval(last_eval, step, ckpts)
                 if last_eval:
                     metrics.write({"step": step, "epoch": epoch + (start_batch > 0), **last_eval})
@@ -126,6 +133,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         log(f"done: {step} steps; checkpoints in {ckpts.directory}" + (f" (best: step {best})" if best else ""))
         return last_eval
     finally:
+        if data is not None:
+            data.close()
         if progress is not None:
             progress.close()
         metrics.close()

@@ -20,6 +20,7 @@ from flax import nnx
 from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
 from train.config import TrainConfig
+from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Batch = dict[str, jax.Array]
 
@@ -103,6 +104,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smooth
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def normalize_images(images: jax.Array, mask: jax.Array) -> jax.Array:
+    """uint8 images -> float32 ``ToTensor`` + ``Normalize`` (ImageNet mean/std) on the device, masked-out
+    examples zeroed (as the host transform's blanks); float images are taken as already normalised."""
+    if images.dtype != jnp.uint8:
+        return images
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    x = (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+    return jnp.where(mask[:, None, None, None] > 0, x, 0.0)
+
+
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -124,7 +136,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     model = nnx.merge(graphdef, state.params, state.batch_stats)
 
     def loss_fn(model):
-        logits = model(batch["image"], batch["mask"])
+        logits = model(normalize_images(batch["image"], batch["mask"]), batch["mask"])
         ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
         return _masked_mean(ce, batch["mask"]), logits
 
@@ -147,7 +159,7 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
     """Sums (not means) of loss, top-1 and top-5 hits and example count, so padding and sharding add up."""
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     model.eval()
-    logits = model(batch["image"])
+    logits = model(normalize_images(batch["image"], batch["mask"]))
     labels, mask = batch["label"], batch["mask"]
     loss = cross_entropy(logits, labels, logits.shape[-1])
     k = min(5, logits.shape[-1])

@@ -4,6 +4,11 @@ Every step mirrors torchvision 0.19+ on PIL images: the same crop-parameter samp
 rounding, PIL's antialiased BILINEAR resize, and float32 ``ToTensor`` + ``Normalize`` arithmetic, so eval
 outputs match torchvision bit for bit (as HWC instead of CHW). Randomness comes from an explicit
 ``numpy.random.Generator`` so each example's augmentation is reproducible.
+
+The loaders use the uint8 halves (``train_crop``, ``eval_crop``) and normalise on the device
+(``train.steps.normalize_images``); ``train_transform``/``eval_transform`` add the float32 normalisation on the
+host. ``train_crop`` of a JPEG not yet decoded decodes at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+PIL's ``draft``) when the crop is scaled down at least that much anyway.
 """
 
 from __future__ import annotations
@@ -38,19 +43,27 @@ def default_resize_size(crop_size: int) -> int:
     return int(crop_size * 256 / 224)
 
 
-def load_image(data: ImageInput) -> Image.Image:
-    """Decode encoded bytes, a file path, a uint8 HxWx3/HxW array or a PIL image into an RGB PIL image."""
+def open_image(data: ImageInput) -> Image.Image:
+    """Open encoded bytes, a file path, a uint8 HxWx3/HxW array or a PIL image; not decoded yet (lazy)."""
     if isinstance(data, Image.Image):
-        img = data
-    elif isinstance(data, np.ndarray):
-        img = _array_to_image(data)
-    elif isinstance(data, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(data)))
-    else:
-        with open(data, "rb") as f:
-            img = Image.open(io.BytesIO(f.read()))
+        return data
+    if isinstance(data, np.ndarray):
+        return _array_to_image(data)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(data))
+    with open(data, "rb") as f:
+        return Image.open(io.BytesIO(f.read()))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode ``img`` (if still lazy) and convert it to RGB."""
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(data: ImageInput) -> Image.Image:
+    """Decode encoded bytes, a file path, a uint8 HxWx3/HxW array or a PIL image into an RGB PIL image."""
+    return to_rgb(open_image(data))
 
 
 def _array_to_image(arr: np.ndarray) -> Image.Image:
@@ -150,6 +163,45 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def draft_scale(crop_h: int, crop_w: int, size: int) -> int:
+    """The largest JPEG DCT scale (1, 2, 4 or 8) that keeps both crop sides at least ``size`` pixels."""
+    scale = 8
+    while scale > 1 and min(crop_h, crop_w) < scale * size:
+        scale //= 2
+    return scale
+
+
+def train_crop(
+    img: Image.Image,
+    size: int,
+    rng: UniformSampler,
+    scale: Sequence[float] = DEFAULT_SCALE,
+    ratio: Sequence[float] = DEFAULT_RATIO,
+    flip_prob: float = 0.5,
+) -> np.ndarray:
+    """RandomResizedCrop(size) + RandomHorizontalFlip -> uint8 [size, size, 3] (draws as torchvision's).
+
+    The crop is drawn on the full image size; a JPEG not yet decoded whose crop shrinks 2x or more is then
+    decoded at the reduced scale (``draft``) and resized from there: the same crop, less to decode, pixels
+    within resampling differences of the full decode. Anything else follows torchvision exactly.
+    """
+    top, left, h, w = random_resized_crop_params(img.height, img.width, rng, scale, ratio)
+    reduce = draft_scale(h, w, size) if img.format == "JPEG" and getattr(img, "tile", None) else 1
+    if reduce > 1:
+        full_w, full_h = img.size
+        img.draft("RGB", (full_w // reduce, full_h // reduce))
+        img = to_rgb(img)
+        sx, sy = img.width / full_w, img.height / full_h
+        img = img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+    else:
+        img = to_rgb(img).crop((left, top, left + w, top + h))
+        if (h, w) != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+    if rng.uniform(0.0, 1.0) < flip_prob:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def train_transform(
     img: Image.Image,
     size: int,
@@ -159,18 +211,18 @@ def train_transform(
     flip_prob: float = 0.5,
 ) -> np.ndarray:
     """RandomResizedCrop(size) + RandomHorizontalFlip + normalise -> float32 [size, size, 3]."""
-    top, left, h, w = random_resized_crop_params(img.height, img.width, rng, scale, ratio)
-    img = img.crop((left, top, left + w, top + h))
-    if (h, w) != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    if rng.uniform(0.0, 1.0) < flip_prob:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalize(img)
+    return normalize(train_crop(img, size, rng, scale, ratio, flip_prob))
+
+
+def eval_crop(img: Image.Image, crop_size: int, resize_size: int | None = None,
+              interpolation: str = "bilinear") -> np.ndarray:
+    """Resize(shorter side) + CenterCrop(crop_size) -> uint8 [crop_size, crop_size, 3] (decoded in full)."""
+    resize_size = default_resize_size(crop_size) if resize_size is None else resize_size
+    return np.asarray(center_crop(resize_shorter(to_rgb(img), resize_size, interpolation), crop_size), np.uint8)
 
 
 def eval_transform(img: Image.Image, crop_size: int, resize_size: int | None = None, *,
                    interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Resize(shorter side) + CenterCrop(crop_size) + normalise -> float32 [crop_size, crop_size, 3]."""
-    resize_size = default_resize_size(crop_size) if resize_size is None else resize_size
-    return normalize(center_crop(resize_shorter(img, resize_size, interpolation), crop_size), mean, std)
+    return normalize(eval_crop(img, crop_size, resize_size, interpolation), mean, std)
