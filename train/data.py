@@ -19,8 +19,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -748,7 +750,28 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     _mark_absl_flags_parsed()
     per_worker = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-    return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=_ignore_interrupts)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops them and frees their buffers in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Free the names of the shared-memory blocks a worker's batch arrives in, now rather than at grain's leisure.
+
+    grain unlinks them from a background thread when the arrays are collected, which may not run before the
+    process exits (a "leaked shared_memory" warning each run). The arrays stay valid: unlinking removes the
+    name, and the memory goes when the arrays do.
+    """
+    for array in batch.values():
+        shm = getattr(array, "shm", None)
+        if isinstance(shm, shared_memory.SharedMemory) and getattr(array, "_unlink_on_del", False):
+            shm.unlink()
+            array._unlink_on_del = False  # grain's flag: its collector now only unmaps
+    return batch
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -763,7 +786,8 @@ def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches and close the grain iterator (and its worker processes) when done or abandoned."""
     iterator = iter(ds)
     try:
-        yield from iterator
+        for batch in iterator:
+            yield _unlink_shared_memory(batch)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
