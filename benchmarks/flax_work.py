@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -17,9 +16,8 @@ from benchmarks.worker import Workload
 from resnet_flax.conv import conv_policy
 from resnet_flax.fuse import fold_batchnorm
 from resnet_flax.io import load_flat_state
+from resnet_flax.layers import COMPUTE_DTYPES
 from train import steps
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def random_model(arch: str, dtype: Any, seed: int, cls: type[resnet_flax.ResNet] = resnet_flax.ResNet
@@ -77,7 +75,7 @@ def random_batch(case: Case) -> dict[str, jax.Array]:
 
 def build_infer(case: Case) -> Workload:
     """Eval-mode forward under jit: the nnx model as is, or with BatchNorm folded into the convs."""
-    model = random_model(case.arch, DTYPES[case.dtype], case.seed)
+    model = random_model(case.arch, COMPUTE_DTYPES[case.dtype], case.seed)
     model.eval()
     if case.flax.fold_bn:
         apply_fn, params = fold_batchnorm(model)
@@ -103,10 +101,10 @@ def optim_config() -> steps.OptimConfig:
 
 def build_train(case: Case) -> Workload:
     """train.steps' jitted ``train_step`` (state donated unless the case says not to) on a fixed batch."""
-    model = random_model(case.arch, DTYPES[case.dtype], case.seed)
+    model = random_model(case.arch, COMPUTE_DTYPES[case.dtype], case.seed)
     cfg = optim_config()
     tx = steps.make_optimizer(cfg)
-    graphdef, state = steps.create_train_state(model, tx, seed=case.seed)
+    graphdef, state = steps.create_train_state(model, tx)
     if case.flax.donate:
         train_step, _ = steps.jit_steps(graphdef, tx, cfg)
     else:

@@ -267,10 +267,13 @@ def compare_outputs(ckpt: Checkpoint, model: ResNet, *, size: int = 224, batch: 
         raise WeightsError(f"the PyTorch model rejected keys: {leftover[:5]}")
     tmodel.eval()
     x = np.random.default_rng(seed).standard_normal((batch, ckpt.config.in_channels, size, size), np.float32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.no_grad():
-        ref = tmodel(torch.from_numpy(x)).numpy()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full float32 on GPUs
+    try:
+        with torch.no_grad():
+            ref = tmodel(torch.from_numpy(x)).numpy()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     with jax.default_matmul_precision("highest"):
         out = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
     diff = float(np.max(np.abs(out - ref)))

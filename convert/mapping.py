@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from resnet_flax.io import WeightsError, _some, key_mismatch
+from resnet_flax.io import WeightsError, key_mismatch, preview_keys
 from resnet_flax.model import ResNetConfig, se_channels
 
 # (flax leaf, kind of owner module) -> torch leaf
@@ -56,7 +56,7 @@ def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if len(stems) != 1:
         found = ", ".join(sorted(stems)) if stems else "none"
         raise WeightsError("not a ResNet state dict: expected one stem 'conv1.weight' (or deep stem "
-                           f"'conv1.0.weight') key (found {found}); keys start with: {_some(sorted(sd), 3)}")
+                           f"'conv1.0.weight') key (found {found}); keys start with: {preview_keys(sorted(sd), 3)}")
     prefix = stems[0]
     if not prefix:
         return sd

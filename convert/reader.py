@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import torchfile
-from resnet_flax.io import WeightsError, _first_line, is_converted_file
+from resnet_flax.io import WeightsError, first_line, is_converted_file
 from resnet_flax.weights import WeightsInfo
 
 # Keys under which training scripts commonly nest the state dict.
@@ -161,7 +161,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework=framework) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise WeightsError(f"{path}: truncated or corrupt .safetensors file ({_first_line(e)})") from None
+        raise WeightsError(f"{path}: truncated or corrupt .safetensors file ({first_line(e)})") from None
     if framework == "pt":
         return {k: v.numpy() if k.endswith("num_batches_tracked") else v.float().numpy() for k, v in tensors.items()}
     return tensors

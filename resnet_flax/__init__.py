@@ -2,7 +2,7 @@
 
 from resnet_flax.fuse import inference_fn
 from resnet_flax.io import WeightsError, flat_state, load, load_flat_state, save
-from resnet_flax.layers import BatchNorm
+from resnet_flax.layers import COMPUTE_DTYPES, BatchNorm
 from resnet_flax.model import (
     ARCHS,
     BasicBlock,
@@ -52,6 +52,7 @@ from resnet_flax.weights import (
 
 __all__ = [
     "ARCHS",
+    "COMPUTE_DTYPES",
     "BasicBlock",
     "BatchNorm",
     "Bottleneck",

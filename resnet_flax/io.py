@@ -66,13 +66,14 @@ def key_mismatch(missing: list[str], extra: list[str]) -> str:
     """One line naming (some of) the missing and the unexpected keys."""
     parts = []
     if missing:
-        parts.append(f"missing {len(missing)} key(s): {_some(missing)}")
+        parts.append(f"missing {len(missing)} key(s): {preview_keys(missing)}")
     if extra:
-        parts.append(f"unexpected {len(extra)} key(s): {_some(extra)}")
+        parts.append(f"unexpected {len(extra)} key(s): {preview_keys(extra)}")
     return "; ".join(parts)
 
 
-def _some(keys: list[str], n: int = 5) -> str:
+def preview_keys(keys: list[str], n: int = 5) -> str:
+    """The first ``n`` keys and how many more, for a one-line message."""
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
@@ -202,7 +203,7 @@ def load(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
         meta = read_metadata(path)
         arrays = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file ({_first_line(e)}); "
+        raise WeightsError(f"{path}: not a readable safetensors file ({first_line(e)}); "
                            "re-run the conversion with `python -m convert`") from None
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: a safetensors file but not one written by resnet_flax; "
@@ -213,7 +214,7 @@ def load(path: str | os.PathLike, *, dtype: Dtype = jnp.float32,
     try:
         shell = abstract_model(config, dtype)
     except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
-        raise WeightsError(f"{path}: the header's architecture cannot be built ({_first_line(e)}); "
+        raise WeightsError(f"{path}: the header's architecture cannot be built ({first_line(e)}); "
                            "re-run the conversion with `python -m convert`") from None
     model = load_flat_state(shell, arrays)
     model.eval()
@@ -228,7 +229,7 @@ def header_config(meta: dict[str, str], num_tensors: int, path: object) -> ResNe
     try:
         d = json.loads(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(bad.format(f"config: {_first_line(e)}")) from None
+        raise WeightsError(bad.format(f"config: {first_line(e)}")) from None
     if not isinstance(d, dict):
         raise WeightsError(bad.format("config is not a JSON object"))
     for key, value in d.items():
@@ -238,13 +239,18 @@ def header_config(meta: dict[str, str], num_tensors: int, path: object) -> ResNe
     try:
         config = ResNetConfig.from_dict(d)
     except (TypeError, ValueError) as e:
-        raise WeightsError(bad.format(_first_line(e))) from None
+        raise WeightsError(bad.format(first_line(e))) from None
     # Every block holds at least two convolutions and two BatchNorms (>= 10 tensors).
     if sum(config.layers) * 10 > num_tensors:
         raise WeightsError(bad.format(f"{sum(config.layers)} blocks declared, {num_tensors} tensors stored"))
     return config
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` for embedding an exception in a one-line error, cut between words."""
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 3].rsplit(" ", 1)[0] if " " in line[:limit - 3] else line[:limit - 3]
+    return cut.rstrip(" ,;:(") + "..."

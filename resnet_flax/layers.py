@@ -12,6 +12,7 @@ from flax import nnx
 from resnet_flax.conv import conv_general_dilated
 
 Dtype = Any
+COMPUTE_DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # by command-line name
 
 # torchvision: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"), an untruncated normal.
 kaiming_normal_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -89,7 +90,8 @@ class BatchNorm(nnx.Module):
     ``mean``/``var`` with momentum 0.1 in PyTorch's convention, storing the *unbiased* variance
     in ``var`` exactly as PyTorch's ``running_var``. ``nnx.Module.eval()``/``train()`` switch modes.
     Statistics are computed in float32 whatever the compute dtype. Under ``jit`` with a sharded
-    batch the reductions are over the global batch (sync BatchNorm) with no extra code.
+    batch the reductions are over the global batch (sync BatchNorm) with no extra code. A ``mask``
+    keeps placeholder examples (unreadable images) out of the statistics and the unbiased count.
     """
 
     def __init__(
@@ -118,16 +120,25 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x``; in train mode, ``mask`` ([batch], 0 or 1) leaves examples with 0 out of the statistics."""
         xf = x.astype(jnp.float32)
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            n = x.size // x.shape[-1]
-            unbiased = var * (n / max(n - 1, 1))
+            if mask is None:
+                mean = jnp.mean(xf, axis=axes)
+                var = jnp.mean(jnp.square(xf - mean), axis=axes)
+                n = x.size // x.shape[-1]
+                unbiased = var * (n / max(n - 1, 1))
+            else:  # the same two passes over the kept examples only; the others are zeroed, whatever they hold
+                keep = jnp.reshape(mask > 0, (-1,) + (1,) * (x.ndim - 1))
+                n = jnp.sum(mask > 0).astype(jnp.float32) * (x.size // x.shape[0] // x.shape[-1])
+                kept = jnp.where(keep, xf, 0.0)
+                mean = jnp.sum(kept, axis=axes) / jnp.maximum(n, 1.0)
+                var = jnp.sum(jnp.where(keep, jnp.square(kept - mean), 0.0), axis=axes) / jnp.maximum(n, 1.0)
+                unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
             m = self.momentum
             self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
             self.var[...] = (1.0 - m) * self.var[...] + m * unbiased

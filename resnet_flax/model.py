@@ -21,9 +21,10 @@ STEM_TYPES = ("", "deep", "deep_tiered")
 class Sequential(nnx.List):
     """``torch.nn.Sequential``: the layers in order, their indices the parameter paths (``conv1.0``, ``conv1.1``)."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The layers in order; ``mask`` goes to each BatchNorm (see :class:`BatchNorm`)."""
         for layer in self:
-            x = layer(x)
+            x = layer(x, mask) if isinstance(layer, BatchNorm) else layer(x)
         return x
 
 
@@ -104,14 +105,14 @@ class BasicBlock(nnx.Module):
         self.se = SqueezeExcite(planes, dtype=dtype, rngs=rngs) if se else None
         self.downsample = downsample
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         identity = x
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = jax.nn.relu(self.bn1(self.conv1(x), mask))
+        out = self.bn2(self.conv2(out), mask)
         if self.se is not None:
             out = self.se(out)
         if self.downsample is not None:
-            identity = self.downsample(x)
+            identity = self.downsample(x, mask)
         return jax.nn.relu(out + identity)
 
 
@@ -133,15 +134,15 @@ class Bottleneck(nnx.Module):
         self.se = SqueezeExcite(planes * self.expansion, dtype=dtype, rngs=rngs) if se else None
         self.downsample = downsample
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         identity = x
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = jax.nn.relu(self.bn1(self.conv1(x), mask))
+        out = jax.nn.relu(self.bn2(self.conv2(out), mask))
+        out = self.bn3(self.conv3(out), mask)
         if self.se is not None:
             out = self.se(out)
         if self.downsample is not None:
-            identity = self.downsample(x)
+            identity = self.downsample(x, mask)
         return jax.nn.relu(out + identity)
 
 
@@ -227,9 +228,10 @@ def stem_conv(config: ResNetConfig, *, dtype: Dtype = jnp.float32, rngs: nnx.Rng
 class ResNet(nnx.Module):
     """torchvision's ResNet on NHWC input, with timm's deep stem, average-pool shortcuts and SE as options.
 
-    ``model(x)`` gives logits (float32), ``model.embed(x)`` the pooled feature vector and
-    ``model.stages(x)`` the four stage outputs, for use as a backbone. ``model.train()`` and
-    ``model.eval()`` select BatchNorm's mode. Parameters are float32; ``dtype`` sets the compute dtype.
+    ``model(x)`` gives logits (float32): ``forward_head(forward_features(x))`` as in timm. ``model.embed(x)``
+    is the pooled vector ``fc`` receives, ``model.stages(x)`` the four stage outputs (a backbone's), and
+    ``reset_classifier(n)`` gives a new head. ``model.train()`` and ``model.eval()`` select BatchNorm's
+    mode. Parameters are float32; ``dtype`` sets the compute dtype.
     """
 
     def __init__(self, config: ResNetConfig, *, zero_init_residual: bool = False,
@@ -248,7 +250,7 @@ class ResNet(nnx.Module):
         self.layer3 = self._make_layer(block, 256, config.layers[2], stride=2, dilate=dilate[1], **kw)
         self.layer4 = self._make_layer(block, 512, config.layers[3], stride=2, dilate=dilate[2], **kw)
         # num_classes=0: a headless backbone (timm's convention), whose __call__ gives the pooled features
-        self.fc = linear(512 * block.expansion, config.num_classes, dtype=dtype, rngs=rngs) if config.num_classes \
+        self.fc = linear(config.num_features, config.num_classes, dtype=dtype, rngs=rngs) if config.num_classes \
             else None
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False, *,
@@ -275,32 +277,56 @@ class ResNet(nnx.Module):
             layers.append(block(self.inplanes, planes, dilation=self.dilation, **kw))
         return nnx.List(layers)
 
-    def stem(self, x: jax.Array) -> jax.Array:
+    def stem(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """conv1 (or the deep stem), bn1, ReLU, 3x3/2 max-pool (-inf padding, as torch's MaxPool2d(3, 2, padding=1))."""
-        x = jax.nn.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        x = x.astype(self.dtype)
+        x = self.conv1(x, mask) if isinstance(self.conv1, Sequential) else self.conv1(x)
+        x = jax.nn.relu(self.bn1(x, mask))
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    def stages(self, x: jax.Array) -> dict[str, jax.Array]:
-        """The outputs of ``layer1`` .. ``layer4`` (NHWC), as a backbone gives them."""
-        x = self.stem(x)
+    def stages(self, x: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+        """The outputs of ``layer1`` .. ``layer4`` (NHWC, compute dtype), as a backbone gives them."""
+        x = self.stem(x, mask)
         out = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for blk in getattr(self, name):
-                x = blk(x)
+                x = blk(x, mask)
             out[name] = x
         return out
 
+    def forward_features(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """The last stage's feature map (NHWC, compute dtype): the input of :meth:`forward_head`."""
+        return self.stages(x, mask)["layer4"]
+
+    def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Global average pool then ``fc``: float32 logits, or with ``pre_logits`` the pooled vector ``fc`` gets.
+
+        Headless (``fc`` None, ``num_classes=0``): the pooled vector in float32.
+        """
+        x = jnp.mean(x, axis=(1, 2))
+        if pre_logits:
+            return x
+        return (x if self.fc is None else self.fc(x)).astype(jnp.float32)
+
     def embed(self, x: jax.Array, normalize: bool = False) -> jax.Array:
-        """The globally average-pooled features (the input of ``fc``), optionally L2-normalised."""
-        feats = jnp.mean(self.stages(x)["layer4"].astype(jnp.float32), axis=(1, 2))
+        """The pooled features (exactly the input of ``fc``) in float32, optionally L2-normalised."""
+        feats = self.forward_head(self.forward_features(x), pre_logits=True).astype(jnp.float32)
         if normalize:
             feats = feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
         return feats
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Logits in float32 for NHWC images normalised like torchvision's (ImageNet mean/std)."""
-        feats = jnp.mean(self.stages(x)["layer4"], axis=(1, 2))
-        return (feats if self.fc is None else self.fc(feats)).astype(jnp.float32)
+    def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> None:
+        """A new, freshly initialised ``fc`` for ``num_classes`` classes, none for 0 (timm's ``reset_classifier``)."""
+        self.fc = linear(self.config.num_features, num_classes, dtype=self.dtype,
+                         rngs=rngs if rngs is not None else nnx.Rngs(seed)) if num_classes else None
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Logits in float32 for NHWC images normalised like torchvision's (ImageNet mean/std).
+
+        ``mask`` ([batch], 1 = real example) keeps masked-out examples out of train-mode BatchNorm statistics.
+        """
+        return self.forward_head(self.forward_features(x, mask))
 
 
 _D = {"stem_type": "deep", "stem_width": 32, "avg_down": True}  # timm's ResNet-D

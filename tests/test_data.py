@@ -486,3 +486,31 @@ def test_steps_per_epoch() -> None:
     assert data.steps_per_epoch(10, 4, train=False) == 3
     assert data.steps_per_epoch(8, 4, train=False) == 2
     assert data.steps_per_epoch(3, 4) == 0
+
+
+
+def test_default_tfds_dataset_offline_fails_fast_in_one_whole_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`python -m train --arch resnet34` with no network: a few download attempts (TFDS alone retries ten
+    times with back-off, 3.5 minutes), one whole line that names the [tfds] extra, and nothing left behind."""
+    import socket
+
+    pytest.importorskip("tensorflow_datasets")
+    from train.__main__ import main as train_main
+
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    root = tmp_path / "tfds"
+    code = train_main(["--arch", "resnet34", "--tfds-data-dir", str(root), "--workdir", str(tmp_path / "wd")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1, err
+    assert "not prepared" in err[0] and "pip install 'resnet-flax[tfds]'" in err[0] and "--data-dir" in err[0]
+    cause = err[0][err[0].index("could not be built here (") + 25:err[0].index("); preparing")]
+    assert cause.startswith("ConnectionError: ") and (cause.endswith("...") or cause.endswith(")")), cause
+    assert 1 <= len(lookups) <= 3, lookups
+    assert not root.exists() or not any(root.rglob("*")), sorted(root.rglob("*"))
+    assert not (tmp_path / "wd").exists()

@@ -144,6 +144,95 @@ def test_jit_forward_equals_eager():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_head_is_one_pooled_path_under_bfloat16():
+    m = resnet_flax.resnet18(num_classes=10, seed=0, dtype=jnp.bfloat16)
+    m.eval()
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    feats = m.forward_features(x)
+    pre = m.forward_head(feats, pre_logits=True)
+    assert feats.shape == (2, 1, 1, 512) and pre.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(m.fc(pre).astype(jnp.float32)), np.asarray(m(x)))  # pre is fc's input
+    np.testing.assert_array_equal(np.asarray(m.embed(x)), np.asarray(pre.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(m.forward_head(feats)), np.asarray(m(x)))
+
+
+def test_reset_classifier_gives_a_fresh_head():
+    m = resnet_flax.resnet50(num_classes=1000, seed=0)
+    m.reset_classifier(7, seed=1)
+    assert m.config.num_classes == 7 and m.fc.kernel.shape == (2048, 7) and m.fc.bias.shape == (7,)
+    bound = 1 / np.sqrt(2048)  # torch.nn.Linear's initialisation
+    assert np.all(np.abs(np.asarray(m.fc.kernel[...])) <= bound) and np.std(np.asarray(m.fc.kernel[...])) > bound / 3
+    m.eval()
+    assert m(jnp.zeros((1, 32, 32, 3))).shape == (1, 7)
+    assert resnet_flax.arch_config("resnet50", num_classes=7) == m.config
+    m.reset_classifier(0)  # headless, as timm: __call__ gives the pooled features
+    assert m.fc is None and m.config.num_classes == 0 and m(jnp.zeros((1, 32, 32, 3))).shape == (1, 2048)
+
+
+def batchnorm_stats(x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Running mean and var of a fresh BatchNorm after one train-mode call, and its output."""
+    bn = BatchNorm(x.shape[-1])
+    y = bn(jnp.asarray(x), None if mask is None else jnp.asarray(mask))
+    return np.asarray(bn.mean[...]), np.asarray(bn.var[...]), np.asarray(y)
+
+
+def test_masked_examples_do_not_move_batchnorm_statistics():
+    rng = np.random.default_rng(0)
+    clean = (rng.standard_normal((6, 5, 5, 8)) * 3 + 2).astype(np.float32)
+    junk = np.concatenate([np.zeros((1, 5, 5, 8)), np.full((1, 5, 5, 8), 1e4)]).astype(np.float32)
+    x = np.concatenate([clean[:2], junk[:1], clean[2:], junk[1:]])  # placeholders anywhere in the batch
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0], np.float32)
+    x64 = clean.astype(np.float64)  # the reference: the clean sub-batch in float64, PyTorch's update rule
+    n = x64.size // 8
+    ref_mean = 0.1 * x64.mean(axis=(0, 1, 2))
+    ref_var = 0.9 + 0.1 * x64.var(axis=(0, 1, 2)) * n / (n - 1)
+    mean_c, var_c, y_c = batchnorm_stats(clean)
+    mean_m, var_m, y_m = batchnorm_stats(x, mask)
+    # float32 rounding of the clean sub-batch alone, measured against float64, bounds the masked path's error
+    # (x2: the same sums taken over a longer array with zeros, so in another order; one ulp if it measured 0)
+    for ours, clean32, ref in ((mean_m, mean_c, ref_mean), (var_m, var_c, ref_var)):
+        noise = max(float(np.max(np.abs(clean32 - ref))), float(np.finfo(np.float32).eps * np.max(np.abs(ref))))
+        assert float(np.max(np.abs(ours - ref))) <= 2 * noise
+    leaky_mean, _, _ = batchnorm_stats(x)  # without the mask the placeholders would dominate
+    assert float(np.max(np.abs(leaky_mean - ref_mean))) > 100
+    y_noise = float(np.max(np.abs(y_c - batchnorm_stats(clean[::-1])[2][::-1])))  # reordering the batch
+    np.testing.assert_allclose(y_m[mask > 0], y_c, rtol=0, atol=2 * max(y_noise, 1e-6))
+    all_ones = batchnorm_stats(clean, np.ones(6, np.float32))
+    for a, b in zip(all_ones, (mean_c, var_c, y_c)):
+        np.testing.assert_allclose(a, b, rtol=2 * np.finfo(np.float32).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet10t"])  # resnet10t: BatchNorms in the deep stem and shortcuts
+def test_masked_examples_do_not_move_a_train_step(arch):
+    """Through the model and train.steps: a batch with masked placeholders trains as its clean examples do."""
+    from train.steps import OptimConfig, create_train_state, jit_steps, make_optimizer
+
+    rng = np.random.default_rng(1)
+    clean = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3], np.int32)
+    cfg = OptimConfig(total_steps=2, optimizer="sgd", lr=0.1, warmup_steps=0, label_smoothing=0.0)
+    tx = make_optimizer(cfg)
+    graphdef, state0 = create_train_state(resnet_flax.create_model(arch, num_classes=4, seed=0), tx)
+    step, _ = jit_steps(graphdef, tx, cfg)
+
+    def after(images, labels, mask):
+        state = jax.tree.map(jnp.array, state0)  # the step donates its input
+        new, metrics = step(state, {"image": images, "label": labels, "mask": mask})
+        stats = np.concatenate([np.ravel(v) for v in jax.tree.leaves(jax.device_get(new.batch_stats))])
+        return stats, float(metrics["train_loss"])
+
+    ref, ref_loss = after(clean, labels, np.ones(4, np.float32))
+    order = np.array([2, 0, 3, 1])  # reordering noise: the same examples, other float32 summation order
+    reordered, _ = after(clean[order], labels[order], np.ones(4, np.float32))
+    noise = float(np.max(np.abs(reordered - ref)))
+    images = np.concatenate([clean[:2], np.zeros((1, 32, 32, 3)), clean[2:], np.full((1, 32, 32, 3), 50.0)])
+    masked, loss = after(images.astype(np.float32), np.array([0, 1, 0, 2, 3, 0], np.int32),
+                         np.array([1, 1, 0, 1, 1, 0], np.float32))
+    assert 0 < noise < 1e-3, noise
+    assert float(np.max(np.abs(masked - ref))) <= 3 * noise
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
 # --- timm's options: deep stem, average-pool shortcuts, squeeze-and-excitation ------------------
 
 def stage_shapes(model, shape):

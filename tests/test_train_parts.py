@@ -76,6 +76,7 @@ def test_log_lines_print_above_the_bar(capsys):
 
     bar = Progress(total=5)
     bar.step_queued(1, jnp.zeros(()))
+    bar.bar.refresh()  # tqdm redraws at most every 0.1 s by itself
     drawn = capsys.readouterr().err
     log("epoch 1/1 step 1: val loss 1.0")
     out, err = capsys.readouterr()
@@ -83,3 +84,31 @@ def test_log_lines_print_above_the_bar(capsys):
     assert "1/5" in drawn and out == "epoch 1/1 step 1: val loss 1.0\n"
     cleared, redrawn = err.split("\r")[1], err.split("\r")[-1]
     assert cleared.strip() == "" and len(cleared) > 10 and "1/5" in redrawn  # the bar's line blanked, then redrawn
+
+
+def test_first_line_of_an_error_is_cut_between_words():
+    from resnet_flax.io import first_line
+
+    assert first_line(ValueError("bad value\nmore detail")) == "ValueError: bad value"
+    assert first_line(KeyError()) == "KeyError"
+    message = "HTTPConnectionPool(host='download.tensorflow.org', port=80): " * 10
+    line = first_line(ConnectionError(message))
+    kept = line.removesuffix("...")
+    assert len(line) <= 200 and line.endswith("...") and f"ConnectionError: {message}".startswith(kept)
+    assert f"ConnectionError: {message}"[len(kept)] in " ,;:("  # cut between words
+
+
+def test_console_scripts_point_at_the_command_line_mains():
+    import importlib
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"resnet-flax-train", "resnet-flax-convert", "resnet-flax-predict"}
+    for target in scripts.values():
+        module, name = target.split(":")
+        main = getattr(importlib.import_module(module), name)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0

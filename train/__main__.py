@@ -16,8 +16,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_isolated(sys.argv[1:] if argv is None else argv, cfg.topology)
     from resnet_flax.io import WeightsError
     from train.checkpoint import CheckpointWriteError
-    from train.data import DataError
-    from train.errors import NonFiniteLoss, RunError
+    from train.errors import DataError, NonFiniteLoss, RunError
     from train.lock import WorkdirError, workdir_lock
     from train.loop import run
 

@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resnet_flax.io import WeightsError
+from resnet_flax.io import WeightsError, first_line
 from train.steps import TrainState, all_finite
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -85,7 +85,7 @@ class Checkpoints:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, OSError, ... on damaged files
-            raise WeightsError(f"checkpoint {where} cannot be read ({_first_line(e)}); delete it to resume from "
+            raise WeightsError(f"checkpoint {where} cannot be read ({first_line(e)}); delete it to resume from "
                                "an earlier one, or start afresh in a new --workdir") from None
         if not bool(all_finite(restored.state.params, restored.state.batch_stats)):
             raise WeightsError(f"checkpoint {where} holds non-finite (NaN/inf) weights; delete it to use an "
@@ -102,7 +102,7 @@ class Checkpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
-            raise WeightsError(f"checkpoint {self.directory / str(step)} cannot be read ({_first_line(e)}); "
+            raise WeightsError(f"checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); "
                                "delete it to use an earlier one, or start afresh in a new --workdir") from None
 
     def wait(self) -> None:
@@ -139,12 +139,7 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.errno:
         return os.strerror(e.errno)
     code = re.search(r"os_error_code='?(\d+)", str(e))
-    return os.strerror(int(code.group(1))) if code else _first_line(e)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    return os.strerror(int(code.group(1))) if code else first_line(e)
 
 
 def _restore_target(x) -> jax.ShapeDtypeStruct:

@@ -171,8 +171,8 @@ def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = F
     steps: dict[str, Callable] = {}
 
     def init():  # traced only (jax.eval_shape): nothing is initialised on the CPU
-        state, steps["train"], steps["eval"] = build_steps(initial_model(cfg, num_classes), optim, cfg.seed,
-                                                           replicated, batch_sharding)
+        state, steps["train"], steps["eval"] = build_steps(initial_model(cfg, num_classes), optim, replicated,
+                                                           batch_sharding)
         return state
 
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init))
@@ -497,8 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     jax.config.update("jax_platforms", "cpu")  # jax was imported (by the config) before the env was set
     from resnet_flax.io import WeightsError
-    from train.data import DataError, count_classes
-    from train.errors import RunError
+    from train.data import count_classes
+    from train.errors import DataError, RunError
 
     try:
         devices = topology_devices(cfg.topology)

@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from resnet_flax.layers import COMPUTE_DTYPES
 from resnet_flax.model import ARCHS
 
 DEFAULT_ARCH = "resnet34"
@@ -43,7 +44,7 @@ class TrainConfig:
                                         "converted .flax.safetensors; a head of another size is re-initialised",
                                   "model", metavar="PATH")
     dtype: str = flag("float32", "compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs", "model",
-                      choices=["float32", "bfloat16"])
+                      choices=list(COMPUTE_DTYPES))
     zero_init_residual: bool = flag(False, "zero the last BN scale of each block", "model")
     # data
     dataset: str = flag("tf_flowers", "TFDS name (tf_flowers, imagenette, imagenet2012, cifar10, ...) or "
@@ -118,11 +119,11 @@ Train (or fine-tune, or evaluate) a torchvision-style ResNet in JAX/Flax: one ji
 data parallel over every device JAX sees, Orbax checkpoints, and torchvision's preprocessing.
 
 examples:
-  python -m train --arch resnet34                              # tf_flowers from TFDS, 80/20 split
-  python -m train --arch resnet18 --data-dir ~/flower_photos   # your own folder: one sub-folder per class
-  python -m train --init-from resnet50.pth --dataset imagenette --lr 1e-4 --epochs 5   # fine-tune PyTorch weights
-  python -m train --eval-only --init-from resnet50.pth --dataset imagenet2012          # reproduce 76.13% top-1
-  python -m train --dataset synthetic --max-steps 50                                   # smoke run / benchmark
+  python -m train --arch resnet34 --workdir runs/flowers                      # tf_flowers from TFDS, 80/20 split
+  python -m train --arch resnet18 --data-dir ~/flower_photos --workdir runs/folder   # one sub-folder per class
+  python -m train --init-from resnet50.pth --dataset imagenette --epochs 5 --workdir runs/finetune
+  python -m train --eval-only --init-from resnet50.pth --dataset imagenet2012 --workdir runs/eval  # 76.13% top-1
+  python -m train --dataset synthetic --max-steps 50 --workdir runs/smoke     # smoke run / benchmark
 
 Re-running the same command with the same --workdir continues where it stopped (or pass --resume).
 The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tb/) and curves.png.

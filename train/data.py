@@ -13,18 +13,24 @@ count skips).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
+import shutil
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, Protocol
 
 import grain
 import numpy as np
 
+from resnet_flax.io import first_line, preview_keys
+from train.errors import DataError
 from train.transforms import eval_crop, normalize, open_image, train_crop
 
 logger = logging.getLogger(__name__)
@@ -35,13 +41,6 @@ _SHUFFLE_TAG = 0
 _AUGMENT_TAG = 1
 _SYNTHETIC_TRAIN_SEED = 0
 _SYNTHETIC_VAL_SEED = 1
-
-
-class DataError(Exception):
-    """A dataset problem the user can fix; the message is always one line naming the problem and the fix."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
 
 
 class Source(Protocol):
@@ -258,7 +257,7 @@ def _presplit_folder(root: Path, train_dir: Path, val_dir: Path) -> Splits:
     no_val = [name for name, files in zip(class_names, val_per_class) if not files]
     if no_val:
         logger.warning("%s has no images of %d class(es) (%s); their validation accuracy is not measured",
-                       val_dir, len(no_val), _some(no_val))
+                       val_dir, len(no_val), preview_keys(no_val))
     return Splits(train=_file_source(per_class), val=_file_source(val_per_class), class_names=class_names)
 
 
@@ -270,12 +269,12 @@ def _check_classes(folder: Path, class_names: list[str], per_class: Sequence[Seq
         inner = [d for d in _class_dirs(nested) if _image_files(nested / d, folder)]
         if len(inner) > 1:
             raise DataError(f"{folder} holds only the folder {nested}, which holds class folders "
-                            f"({_some(inner)}); pass --data-dir {nested}")
+                            f"({preview_keys(inner)}); pass --data-dir {nested}")
         raise DataError(f"{folder} has a single class folder ({class_names[0]}): a classifier needs at least "
                         "two classes; add one sub-folder of images per class")
     empty = [name for name, files in zip(class_names, per_class) if not files]
     if empty:
-        raise DataError(f"class folder(s) {_some(empty)} in {folder} have no images "
+        raise DataError(f"class folder(s) {preview_keys(empty)} in {folder} have no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the empty folders")
 
 
@@ -351,13 +350,8 @@ def _walk_images(folder: Path, root: Path | None = None) -> list[tuple[str, str]
                 found.append((e.path, real))
     if skipped:
         logger.warning("%s: skipped %d symbolic link(s) to images or folders already read (a loop or a repeat), "
-                       "so each image is read once: %s", folder, len(skipped), _some(skipped, 2))
+                       "so each image is read once: %s", folder, len(skipped), preview_keys(skipped, 2))
     return found
-
-
-def _some(items: Sequence[str], n: int = 5) -> str:
-    """The first ``n`` items, comma-separated, with a count of the rest."""
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def _file_source(per_class: Sequence[Sequence[str]]) -> FileSource:
@@ -395,7 +389,7 @@ def _tfds_splits(name: str, tfds_data_dir: str | None, val_fraction: float) -> S
         val = tfds.data_source(name, split=val_split, data_dir=tfds_data_dir, download=False)
     except Exception as e:
         raise DataError(
-            f"could not open TFDS dataset {name!r} for random access ({_first_line(e)}); "
+            f"could not open TFDS dataset {name!r} for random access ({first_line(e)}); "
             f"rebuild it in array_record format with `tfds build {name} --file_format=array_record`"
         ) from None
     return Splits(
@@ -411,7 +405,7 @@ def _tfds_builder(tfds: Any, name: str, tfds_data_dir: str | None) -> Any:
         return tfds.builder(name, data_dir=tfds_data_dir, file_format="array_record")
     except Exception as e:
         raise DataError(
-            f"unknown dataset {name!r} ({_first_line(e)}); pass a TFDS name such as tf_flowers, imagenette or "
+            f"unknown dataset {name!r} ({first_line(e)}); pass a TFDS name such as tf_flowers, imagenette or "
             "imagenet2012, 'synthetic', or --data-dir path/to/image_folder"
         ) from None
 
@@ -444,7 +438,8 @@ def _tfds_prepare(builder: Any, name: str) -> None:
             f"TFDS's manual_dir {manual_dir} and run {build}, or pass --data-dir path/to/image_folder"
         )
     try:
-        builder.download_and_prepare()
+        with _removed_on_failure(root, name), _few_download_retries():
+            builder.download_and_prepare()
     except ModuleNotFoundError as e:
         if "tensorflow" not in str(e):
             raise
@@ -455,10 +450,45 @@ def _tfds_prepare(builder: Any, name: str) -> None:
         ) from None
     except Exception as e:
         raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({_first_line(e)}); "
-            f"run {build} on a machine with internet (copy {root / name} here), "
+            f"TFDS dataset {name!r} is not prepared in {root} and could not be built here ({first_line(e)}); "
+            "preparing it the first time needs network access and the [tfds] extra "
+            f"(`pip install 'resnet-flax[tfds]'`): run {build} on a machine with both (copy {root / name} here), "
             "or pass --data-dir path/to/image_folder"
         ) from None
+
+
+@contextlib.contextmanager
+def _few_download_retries(retries: int = 2) -> Iterator[None]:
+    """TFDS retries a failed download 10 times with exponential back-off (3.5 minutes offline); allow a few."""
+    from tensorflow_datasets.core.download import downloader
+
+    saved, downloader.MAX_RETRIES = downloader.MAX_RETRIES, retries
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = saved
+
+
+@contextlib.contextmanager
+def _removed_on_failure(root: Path, name: str) -> Iterator[None]:
+    """Remove what a failed first preparation left in TFDS's folders (partial downloads, empty folders)."""
+    downloads = root / "downloads"
+    own = [root / name, downloads / name]  # this dataset's: removed whole if new
+    shared = [downloads / "extracted", downloads, root]  # removed only if new and empty
+    existed = {p for p in own + shared if p.exists()}
+    partial = set(downloads.glob(f"{name}/*.tmp.*"))
+    try:
+        yield
+    except BaseException:
+        for p in [p for p in own if p not in existed] + sorted(set(downloads.glob(f"{name}/*.tmp.*")) - partial):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        for p in shared:
+            if p not in existed and p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise
 
 
 def _tfds_split_names(splits: Any, val_fraction: float, name: str) -> tuple[str, str]:
@@ -471,13 +501,6 @@ def _tfds_split_names(splits: Any, val_fraction: float, name: str) -> tuple[str,
             return "train", val_name
     cut = round((1.0 - val_fraction) * 100)
     return f"train[:{cut}%]", f"train[{cut}%:]"
-
-
-def _first_line(error: BaseException) -> str:
-    """``Type: first line of message`` (at most 200 chars) for embedding an exception in a DataError."""
-    text = str(error).strip().splitlines()
-    line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return line[:200]
 
 
 # --------------------------------------------------------------------------------------------------- loaders
@@ -519,7 +542,7 @@ class ExampleLoader:
                 pixels = eval_crop(image, self.image_size, self.resize_size)
             label = int(record["label"])
         except Exception as e:
-            logger.warning("skipping unreadable image %s: %s", _describe(record, index), _first_line(e))
+            logger.warning("skipping unreadable image %s: %s", _describe(record, index), first_line(e))
             return self._blank(corrupt=1)
         return {"image": normalize(pixels) if self.normalize else pixels, "label": np.int32(label),
                 "mask": np.float32(1.0), "corrupt": np.int32(0)}
@@ -727,7 +750,28 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
         return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     _mark_absl_flags_parsed()
     per_worker = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-    return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=_ignore_interrupts)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops them and frees their buffers in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Free the names of the shared-memory blocks a worker's batch arrives in, now rather than at grain's leisure.
+
+    grain unlinks them from a background thread when the arrays are collected, which may not run before the
+    process exits (a "leaked shared_memory" warning each run). The arrays stay valid: unlinking removes the
+    name, and the memory goes when the arrays do.
+    """
+    for array in batch.values():
+        shm = getattr(array, "shm", None)
+        if isinstance(shm, shared_memory.SharedMemory) and getattr(array, "_unlink_on_del", False):
+            shm.unlink()
+            array._unlink_on_del = False  # grain's flag: its collector now only unmaps
+    return batch
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -742,11 +786,12 @@ def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches and close the grain iterator (and its worker processes) when done or abandoned."""
     iterator = iter(ds)
     try:
-        yield from iterator
+        for batch in iterator:
+            yield _unlink_shared_memory(batch)
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
             try:
                 close()
             except Exception as e:
-                logger.debug("closing the grain iterator failed: %s", _first_line(e))
+                logger.debug("closing the grain iterator failed: %s", first_line(e))

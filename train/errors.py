@@ -9,3 +9,10 @@ class RunError(Exception):
 
 class NonFiniteLoss(RunError):
     """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+class DataError(Exception):
+    """A dataset or image problem the user can fix; the message is always one line naming the problem and the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))

@@ -47,7 +47,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         changed = check_same_run(cfg, splits.class_names)
     model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
     model_config = model.config
-    state, train_step, eval_step = build_steps(model, optim, cfg.seed, replicated, batch_sharding)
+    state, train_step, eval_step = build_steps(model, optim, replicated, batch_sharding)
     del model
     state = jax.device_put(state, replicated)
 

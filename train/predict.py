@@ -13,15 +13,17 @@ from flax import nnx
 from PIL import Image
 
 from resnet_flax.fuse import inference_fn
-from resnet_flax.io import WeightsError
+from resnet_flax.io import WeightsError, first_line
 from resnet_flax.model import ResNet, ResNetConfig
 from resnet_flax.weights import EvalTransform
+from train.errors import DataError
+from train.run_file import RUN_FILE
 
 
 def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     """The best (else latest) checkpoint of a training workdir, its class names and image size."""
     from train.checkpoint import Checkpoints
-    from train.run_file import RUN_FILE, read_run_file
+    from train.run_file import read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
 
     try:
@@ -51,7 +53,7 @@ def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int | EvalTrans
     """(model, class names, image size or the eval transform the file records) from a workdir, a converted file
     or a PyTorch checkpoint."""
     if checkpoint.is_dir() and not (checkpoint / "config.json").exists():
-        if not (checkpoint / "run.json").exists():
+        if not (checkpoint / RUN_FILE).exists():
             raise WeightsError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
     import convert
@@ -73,10 +75,10 @@ def predict(model: ResNet, images: list[Path], image_size: int | EvalTransform) 
             batch.append(eval_transform(load_image(path), t.crop_size if t else image_size,
                                         t.resize_size if t else None, **kw))
         except Image.DecompressionBombError as e:
-            raise WeightsError(f"{path}: refused, the image is too large to decode safely ({e}); "
-                               "pass a smaller image") from None
+            raise DataError(f"{path}: refused, the image is too large to decode safely ({first_line(e)}); "
+                            "pass a smaller image") from None
         except (OSError, ValueError, SyntaxError) as e:
-            raise WeightsError(f"{path}: cannot read the image ({e}); pass a JPEG/PNG file") from None
+            raise DataError(f"{path}: cannot read the image ({first_line(e)}); pass a JPEG/PNG file") from None
     logits = inference_fn(model)(jnp.asarray(np.stack(batch)))
     probs = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
     if not np.all(np.isfinite(probs)):
@@ -99,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for path in args.images:
             if not path.is_file():
-                raise WeightsError(f"{path}: no such image file")
+                raise DataError(f"{path}: no such image file")
         if not args.checkpoint.exists():
             raise WeightsError(f"{args.checkpoint}: no such workdir or weights file")
         model, names, size = load_predictor(args.checkpoint)
         probs = predict(model, args.images, args.image_size or size)
-    except WeightsError as e:
+    except (DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     k = min(args.top_k, probs.shape[-1])

@@ -1,6 +1,6 @@
 """Training state, optimizer, and the jit-compiled ``train_step`` / ``eval_step``.
 
-State is a plain pytree (params, batch stats, optimizer state, step, RNG) so it can be sharded, donated
+State is a plain pytree (params, batch stats, optimizer state, step) so it can be sharded, donated
 and checkpointed; the model's structure (an NNX ``GraphDef``) is static and closed over.
 """
 
@@ -33,7 +33,6 @@ class TrainState:
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
-    rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +87,13 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
-def create_train_state(model: ResNet, tx: optax.GradientTransformation, seed: int = 0
-                       ) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` into its static structure and a fresh :class:`TrainState`."""
-    model.train()
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+def create_train_state(model: ResNet, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """The train-mode structure of ``model`` and a fresh :class:`TrainState` of its weights (``model`` is unchanged)."""
+    train_mode = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
+    train_mode.train()
+    graphdef, params, batch_stats = nnx.split(train_mode, nnx.Param, nnx.BatchStat)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+                       opt_state=tx.init(params))
     return graphdef, state
 
 
@@ -130,13 +129,14 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
 
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
-    batch. Masked-out examples (unreadable images) are excluded from the loss. ``state_finite`` checks the
-    state this step returns (the one a checkpoint would save), not just the loss computed before the update.
+    batch. Masked-out examples (unreadable images) are excluded from the loss and the BatchNorm statistics.
+    ``state_finite`` checks the state this step returns (the one a checkpoint would save), not just the loss
+    computed before the update.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
 
     def loss_fn(model):
-        logits = model(normalize_images(batch["image"], batch["mask"]))
+        logits = model(normalize_images(batch["image"], batch["mask"]), batch["mask"])
         ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
         return _masked_mean(ce, batch["mask"]), logits
 
@@ -192,10 +192,10 @@ def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Opt
     return train, evaluate
 
 
-def build_steps(model: ResNet, cfg: OptimConfig, seed: int, state_sharding: Any, batch_sharding: Any
+def build_steps(model: ResNet, cfg: OptimConfig, state_sharding: Any, batch_sharding: Any
                 ) -> tuple[TrainState, Callable, Callable]:
     """(fresh host-side state, train_step, eval_step) of ``model``: what a run and ``--compile-only`` compile."""
     tx = make_optimizer(cfg)
-    graphdef, state = create_train_state(model, tx, seed)
+    graphdef, state = create_train_state(model, tx)
     train, evaluate = jit_steps(graphdef, tx, cfg, state_sharding, batch_sharding)
     return state, train, evaluate
