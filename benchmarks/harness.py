@@ -213,7 +213,7 @@ def _flax_options(case: Case) -> dict[str, Any] | None:
     if case.framework != "flax":
         return None
     opts = case.flax
-    return {"fold_bn": opts.fold_bn, "donate": opts.donate, "fast_maxpool": opts.fast_maxpool,
+    return {"fold_bn": opts.fold_bn, "donate": opts.donate,
             "host_round_trip": opts.host_round_trip, "conv": opts.conv,
             "cpu_compiler_options": dict(opts.cpu_compiler_options)}
 

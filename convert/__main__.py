@@ -23,9 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = _Parser(
         prog="python -m convert",
-        description="Convert a torchvision-style ResNet checkpoint (.pth/.pt saved with torch.save, a TorchScript "
-                    "archive, or .safetensors) into a resnet_flax weights file, or a converted .flax.safetensors "
-                    "file back into a PyTorch state dict. The architecture is read off the tensors.",
+        description="Convert a torchvision-style or timm ResNet checkpoint (.pth/.pt saved with torch.save, a "
+                    "TorchScript archive, or .safetensors) into a resnet_flax weights file, or a converted "
+                    ".flax.safetensors file back into a PyTorch state dict. The architecture is read off the tensors.",
     )
     p.add_argument("src", type=Path, help="checkpoint to convert")
     p.add_argument("--out", type=Path, help="output path (default: next to SRC, as NAME.flax.safetensors, "
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="for checkpoints holding model and EMA weights (timm training): auto takes the EMA "
                         "weights, as timm's load_checkpoint does")
     p.add_argument("--verify", action="store_true",
-                   help="run torchvision and the Flax model on one random batch and print the max difference")
+                   help="run torchvision (timm for ResNet-D/T and SE models) and the Flax model on one random batch "
+                        "and print the max difference")
     p.add_argument("--verify-size", type=int, default=224, metavar="PX", help="image size for --verify")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool] | None) -> i
 
     ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation,
                                 allow_nonfinite=args.allow_nonfinite, weights_set=args.weights_set)
+    if args.verify:
+        core.require_reference(ckpt.config)
     model = core.build_model(ckpt)
     src_file = weights_file if src.is_dir() else src
     info = dataclasses.replace(ckpt.info, source=str(src.resolve()), sha256=sha256_file(src_file))

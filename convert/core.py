@@ -13,11 +13,11 @@ import numpy as np
 from flax import nnx
 
 import resnet_flax
-from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_to_flax
+from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_order, torch_to_flax
 from convert.reader import detect_format, read_source
 from resnet_flax.io import WeightsError, abstract_model, atomic_write, flat_state, load_flat_state
 from resnet_flax.layers import Dtype
-from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name
+from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name, structure
 from resnet_flax.weights import EvalTransform, WeightsInfo
 
 FLAX_SUFFIX = resnet_flax.io.SUFFIX
@@ -44,9 +44,12 @@ class Checkpoint:
 
 def describe(config: ResNetConfig) -> str:
     """One line naming the architecture, e.g. ``resnet50 (bottleneck blocks [3, 4, 6, 3], groups 1, ...)``."""
+    options = [f"{config.stem_type.replace('_', ' ')} stem {'-'.join(map(str, config.stem_channels))}"
+               ] if config.stem_type else []
+    options += ["avg-pool shortcuts"] * config.avg_down + ["SE"] * config.se
     return (f"{arch_name(config) or 'custom ResNet'} ({config.block} blocks {list(config.layers)}, "
-            f"groups {config.groups}, width/group {config.width_per_group}, {config.num_classes} classes, "
-            f"{config.in_channels} input channels)")
+            f"groups {config.groups}, width/group {config.width_per_group}, {''.join(o + ', ' for o in options)}"
+            f"{config.num_classes} classes, {config.in_channels} input channels)")
 
 
 def check_arch(config: ResNetConfig, arch: str | None) -> None:
@@ -55,9 +58,7 @@ def check_arch(config: ResNetConfig, arch: str | None) -> None:
         return
     if arch not in ARCHS:
         raise WeightsError(f"unknown --arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    want = arch_config(arch)
-    if (want.block, want.layers, want.groups, want.width_per_group) != (
-            config.block, config.layers, config.groups, config.width_per_group):
+    if structure(arch_config(arch)) != structure(config):
         raise WeightsError(f"--arch {arch} contradicts the tensors, which describe a {describe(config)}; "
                            "drop --arch or pass the matching name")
 
@@ -182,14 +183,13 @@ def eval_settings(path: str | Path, num_classes: int | None = None) -> tuple[lis
 
 
 def to_torch_state_dict(model: ResNet) -> OrderedDict[str, Any]:
-    """The model's weights as a torchvision state dict (``load_state_dict(sd, strict=True)`` accepts it)."""
+    """The model's weights as a PyTorch state dict with torchvision's (timm's, for its options) names and order
+    (``load_state_dict(sd, strict=True)`` accepts it)."""
     import torch
 
     arrays = flax_to_torch(flat_state(model))
-    with torch.device("meta"):  # torchvision's key order, without allocating or initialising weights
-        order = list(torchvision_model(model.config).state_dict())
     sd = OrderedDict()
-    for k in order:
+    for k in torch_order(arrays):
         t = torch.from_numpy(np.array(arrays[k], order="C"))
         sd[k] = t.to(torch.int64) if k.endswith("num_batches_tracked") else t.to(torch.float32)
     return sd
@@ -211,20 +211,60 @@ def torchvision_model(config: ResNetConfig):
     return model
 
 
+def is_timm_variant(config: ResNetConfig) -> bool:
+    """True if ``config`` uses a timm option (deep stem, avg-pool shortcuts, SE): torchvision cannot run it."""
+    return bool(config.stem_type or config.avg_down or config.se)
+
+
+_TIMM_OUTPUT_STRIDE = {(False, False, False): 32, (False, False, True): 16, (False, True, True): 8}
+
+
+def require_reference(config: ResNetConfig) -> None:
+    """Raise one line if the PyTorch model that ``config`` reproduces cannot be built here (timm missing)."""
+    if not is_timm_variant(config):
+        return
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        raise WeightsError(f"checking a {describe(config)} runs timm, which is not installed; "
+                           "pip install timm") from None
+    if config.replace_stride_with_dilation not in _TIMM_OUTPUT_STRIDE:
+        raise WeightsError(f"timm cannot dilate layer2..4 as {config.replace_stride_with_dilation} "
+                           "(only 0,0,1 and 0,1,1); drop --verify")
+
+
+def timm_model(config: ResNetConfig):
+    """An untrained timm ResNet of ``config``'s structure (for verifying its deep stem, avg_down and SE options)."""
+    require_reference(config)
+    from timm.models import resnet as tr
+
+    return tr.ResNet(tr.BasicBlock if config.block == "basic" else tr.Bottleneck, list(config.layers),
+                     num_classes=config.num_classes, in_chans=config.in_channels,
+                     output_stride=_TIMM_OUTPUT_STRIDE[config.replace_stride_with_dilation],
+                     cardinality=config.groups, base_width=config.width_per_group, stem_type=config.stem_type,
+                     stem_width=config.stem_width, avg_down=config.avg_down,
+                     block_args={"attn_layer": "se"} if config.se else None)
+
+
+def reference_model(config: ResNetConfig):
+    """The PyTorch model ``config`` reproduces: torchvision's, or timm's when a timm option is set."""
+    return timm_model(config) if is_timm_variant(config) else torchvision_model(config)
+
+
 def compare_outputs(ckpt: Checkpoint, model: ResNet, *, size: int = 224, batch: int = 2,
                     seed: int = 0) -> tuple[float, float]:
-    """Run torchvision (with the original tensors) and the Flax model on one random batch, in eval mode.
+    """Run torchvision or timm (with the original tensors) and the Flax model on one random batch, in eval mode.
 
     Returns (max |diff|, max |diff| / max |torch logits|) of the logits, at full float32 precision.
     """
     import torch
 
-    tmodel = torchvision_model(ckpt.config)
+    tmodel = reference_model(ckpt.config)
     tsd = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.torch_state.items()}
     result = tmodel.load_state_dict(tsd, strict=False)
     leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")] + result.unexpected_keys
     if leftover:
-        raise WeightsError(f"torchvision rejected keys: {leftover[:5]}")
+        raise WeightsError(f"the PyTorch model rejected keys: {leftover[:5]}")
     tmodel.eval()
     x = np.random.default_rng(seed).standard_normal((batch, ckpt.config.in_channels, size, size), np.float32)
     torch.backends.cudnn.allow_tf32 = False

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.mapping import normalize_key
+from convert.mapping import normalize_key, stem_prefixes
 from resnet_flax.io import WeightsError
 from resnet_flax.weights import EvalTransform, WeightsInfo
 
@@ -122,9 +122,7 @@ def split_backbone(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], li
     """The tensors under the one prefix that holds a ResNet stem (``backbone.``), the rest named and left out.
 
     Returns (kept state dict, notes, looks like a torchvision segmentation model)."""
-    normalized = {normalize_key(k): k for k in sd}
-    stems = [k[: -len("conv1.weight")] for k in normalized
-             if k.endswith("conv1.weight") and "layer" not in k and np.ndim(sd[normalized[k]]) == 4]
+    stems = stem_prefixes({normalize_key(k): v for k, v in sd.items()})
     if len(stems) != 1 or not stems[0]:
         return sd, [], False
     prefix = stems[0]

@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from resnet_flax.io import WeightsError, _some, key_mismatch
-from resnet_flax.model import ResNetConfig
+from resnet_flax.model import ResNetConfig, se_channels
 
 # (flax leaf, kind of owner module) -> torch leaf
 FLAX_TO_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -36,6 +36,15 @@ def normalize_key(key: str) -> str:
     return ".".join(parts)
 
 
+STEM_KEYS = ("conv1.weight", "conv1.0.weight")  # torchvision's 7x7 stem conv; the first conv of timm's deep stem
+
+
+def stem_prefixes(sd: dict[str, np.ndarray]) -> list[str]:
+    """What precedes each stem conv among the (normalised) keys: ``["module."]`` for a DataParallel save."""
+    return [k[: -len(stem)] for k in sd for stem in STEM_KEYS
+            if k.endswith(stem) and "layer" not in k and np.ndim(sd[k]) == 4]
+
+
 def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Torchvision spellings, with any wrapper prefix (``module.``, ``model.``, ``backbone.`` ...) removed.
 
@@ -43,12 +52,11 @@ def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     that they are reported as unexpected rather than silently dropped.
     """
     sd = {normalize_key(k): v for k, v in sd.items()}
-    stems = [k[: -len("conv1.weight")] for k in sd
-             if k.endswith("conv1.weight") and "layer" not in k and np.ndim(sd[k]) == 4]
+    stems = stem_prefixes(sd)
     if len(stems) != 1:
         found = ", ".join(sorted(stems)) if stems else "none"
-        raise WeightsError(f"not a ResNet state dict: expected one stem 'conv1.weight' key (found {found}); "
-                           f"keys start with: {_some(sorted(sd), 3)}")
+        raise WeightsError("not a ResNet state dict: expected one stem 'conv1.weight' (or deep stem "
+                           f"'conv1.0.weight') key (found {found}); keys start with: {_some(sorted(sd), 3)}")
     prefix = stems[0]
     if not prefix:
         return sd
@@ -56,13 +64,14 @@ def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def infer_config(sd: dict[str, np.ndarray]) -> ResNetConfig:
-    """Block type, blocks per stage, groups, width and classes, read from a normalised state dict."""
+    """Block type, blocks per stage, groups, width, classes and timm's stem/shortcut/SE options, read from a
+    normalised state dict. A timm option this model lacks is named, with the tensor that shows it."""
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
             raise WeightsError(f"not a ResNet state dict: no '{key}' tensor; pass a torchvision-style ResNet")
         return tuple(np.shape(sd[key]))
 
-    stem = shape("conv1.weight")
+    stem_type, stem_width, stem = infer_stem(sd)
     fc = shape("fc.weight") if "fc.weight" in sd else (0, 0)  # no head: a backbone (timm num_classes=0)
     layers = []
     for i in range(1, 5):
@@ -77,15 +86,72 @@ def infer_config(sd: dict[str, np.ndarray]) -> ResNetConfig:
         groups = width // in_per_group
         width_per_group = width // groups  # stage 1 has planes=64, so width = width_per_group * groups
     if len(fc) != 2 or len(stem) != 4:
-        raise WeightsError(f"not a ResNet state dict: conv1.weight has shape {stem} and fc.weight {fc}")
-    return ResNetConfig(block, tuple(layers), num_classes=fc[0], groups=groups,
-                        width_per_group=width_per_group, in_channels=stem[1])
+        raise WeightsError(f"not a ResNet state dict: the stem conv has shape {stem} and fc.weight {fc}")
+    unsupported(sd)
+    avg_down = any(re.fullmatch(r"layer\d\.\d+\.downsample\.1\.weight", k) and np.ndim(v) == 4 for k, v in sd.items())
+    se = any(re.fullmatch(r"layer\d\.\d+\.se\.fc1\.weight", k) for k in sd)
+    return ResNetConfig(block, tuple(layers), num_classes=fc[0], groups=groups, width_per_group=width_per_group,
+                        in_channels=stem[1], stem_type=stem_type, stem_width=stem_width, avg_down=avg_down, se=se)
+
+
+def infer_stem(sd: dict[str, np.ndarray]) -> tuple[str, int, tuple[int, ...]]:
+    """(stem_type, stem_width, shape of the first stem conv): a 7x7 ``conv1`` or timm's deep ``conv1.0/3/6``."""
+    if "conv1.weight" in sd:
+        return "", 64, tuple(np.shape(sd["conv1.weight"]))
+    convs = [f"conv1.{i}.weight" for i in (0, 3, 6)]
+    if missing := [k for k in convs if k not in sd]:
+        raise WeightsError(f"a deep stem without {', '.join(missing)} is not supported; timm's deep stems have "
+                           "three 3x3 convs: conv1.0, conv1.3, conv1.6")
+    c0, c1, c2 = (int(np.shape(sd[k])[0]) for k in convs)
+    if c2 == 2 * c1 and c0 == c1:
+        return "deep", c1, tuple(np.shape(sd[convs[0]]))
+    if c2 == 2 * c1 and c0 == 3 * (c1 // 4) and c1 >= 4:
+        return "deep_tiered", c1, tuple(np.shape(sd[convs[0]]))
+    raise WeightsError(f"a deep stem with {c0}, {c1}, {c2} channels is not supported; timm's 'deep' stem has "
+                       "w, w, 2w and 'deep_tiered' 3*(w//4), w, 2w")
+
+
+# timm options with tensors of their own that this model does not have: (key pattern, what it is).
+_UNSUPPORTED = [
+    (r"maxpool\.\d+\.weight", "a strided conv in place of the stem max-pool (timm's replace_stem_pool)"),
+    (r"layer\d\.\d+\.se\.conv\.weight", "ECA attention (timm's ecaresnet*)"),
+    (r"layer\d\.\d+\.se\.bn\.weight", "SE blocks with a BatchNorm inside"),
+    (r"layer\d\.\d+\.(se|attn)\.(?!fc[12]\.).*weight", "this attention module (only timm's 'se' is)"),
+]
+
+
+def unsupported(sd: dict[str, np.ndarray]) -> None:
+    """Raise naming the first timm option in ``sd`` that resnet_flax cannot represent."""
+    for key in sorted(sd):
+        for pattern, what in _UNSUPPORTED:
+            if re.fullmatch(pattern, key):
+                raise WeightsError(f"{what} is not supported (tensor {key})")
+        if m := re.fullmatch(r"(layer\d\.\d+\.se)\.fc1\.weight", key):
+            rd, channels = np.shape(sd[key])[:2]
+            if rd != se_channels(channels) or f"{m.group(1)}.fc1.bias" not in sd:
+                bias = "with" if f"{m.group(1)}.fc1.bias" in sd else "without"
+                raise WeightsError(f"SE blocks with {rd} reduced channels for {channels}, {bias} bias, are not "
+                                   f"supported (tensor {key}); timm's 'se' has {se_channels(channels)}, with bias")
 
 
 def torch_key(flax_key: str) -> str:
     """``layer1.0.conv1.kernel`` -> ``layer1.0.conv1.weight``."""
     owner, _, leaf = flax_key.rpartition(".")
     return f"{owner}.{FLAX_TO_TORCH_LEAF[leaf]}"
+
+
+# The order PyTorch modules register their children and tensors in (torchvision's, with timm's ``se``).
+_TORCH_ORDER = ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "se", "downsample", "layer1", "layer2", "layer3",
+                "layer4", "fc", "fc1", "fc2", "weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+
+
+def torch_order(keys) -> list[str]:
+    """State-dict keys sorted as PyTorch's ``state_dict()`` lists them (indices numerically)."""
+    def rank(key: str):
+        return [(0, int(p), "") if p.isdigit() else
+                (1, _TORCH_ORDER.index(p) if p in _TORCH_ORDER else len(_TORCH_ORDER), p) for p in key.split(".")]
+
+    return sorted(keys, key=rank)
 
 
 def torch_to_flax_array(flax_key: str, value: np.ndarray) -> np.ndarray:

@@ -47,12 +47,13 @@ def detect_format(path: Path) -> str:
         if any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in names):
             return "torchscript"
         return "torch"
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]") or head[257:262] == b"ustar":
-        return "torch"  # legacy (non-zip) torch.save pickle, or the tar format of PyTorch < 0.4
+    # safetensors first: its 8-byte header length can begin with a byte that also opens a pickle (0x80, '(' ...)
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
         if 0 < n < (1 << 30):
             return "flax" if is_converted_file(path) else "safetensors"
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]") or head[257:262] == b"ustar":
+        return "torch"  # legacy (non-zip) torch.save pickle, or the tar format of PyTorch < 0.4
     raise WeightsError(f"{path}: not a PyTorch checkpoint (neither a torch.save file, a TorchScript archive "
                        "nor a .safetensors file)")
 

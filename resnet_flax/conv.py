@@ -3,9 +3,11 @@
 XLA:CPU's convolution is very slow on small feature maps (a 3x3 conv, 512 -> 512 channels on a 2x2 map runs at
 about 2 GFLOP/s; openxla/xla#34273, jax-ml/jax#31662). The same arithmetic as "im2col" (pad, the kh*kw shifted
 windows concatenated on the channel axis, one matmul; grouped convs as a group-batched matmul) runs at matmul
-speed there. :func:`cpu_form` decides per layer from static shapes which form the CPU compiles; other
-backends always get XLA's convolution (``jax.lax.platform_dependent``, so a program lowered for a GPU or TPU
-carries no trace of the other form). Both forms agree to float32 rounding, forward and backward.
+speed there. XLA:CPU's grouped-convolution gradients are slow at every map size, so grouped convs keep XLA's
+forward and take the matmul form's gradients. :func:`cpu_form` decides per layer from static shapes which form
+the CPU compiles; other backends always get XLA's convolution (``jax.lax.platform_dependent``, so a program
+lowered for a GPU or TPU carries no trace of the others). All forms agree to float32 rounding, forward and
+backward.
 
 This module is also the one home of the XLA:CPU compile options the project uses (``CPU_TRAIN_OPTIONS``,
 ``CPU_EVAL_OPTIONS``, :func:`cpu_compiler_options`), since they too select how convolutions run.
@@ -23,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Form = Literal["xla", "matmul"]
-Policy = Literal["auto", "xla", "matmul"]
+Form = Literal["xla", "matmul", "matmul_grads"]
+Policy = Literal["auto", "xla", "matmul", "matmul_grads"]
 
 # jaxlib 0.10's XLA:CPU sends convolutions (and reductions) to YNNPACK by default; its weight-gradient
 # convolutions are very slow and its forward ones slower than XLA's Eigen path on the machines measured
@@ -76,12 +78,17 @@ def cpu_form(in_size: int, in_channels: int, kernel_size: int, stride: int = 1, 
              dilation: int = 1, groups: int = 1) -> Form:
     """The fastest form of this square NHWC convolution on XLA:CPU (per-shape table in benchmarks/README.md).
 
+    - "matmul_grads" for grouped spatial convolutions (ResNeXt): XLA's forward is the fastest form at every
+      map size, but its gradients are 20-40x slower than the group-batched matmul's, so the forward stays
+      XLA's and the backward pass is the matmul form's.
     - "matmul" when a spatial kernel's output map is 2x2 or smaller: XLA:CPU's convolution is 10-40x slower
       there (forward or backward). From 4x4 up XLA is as fast or faster; 1x1 convs are matmuls for it already.
     - "xla" otherwise, the 7x7/2 stem included (as patches-matmul it is 2-4x slower, and as a 4x4/1 conv on the
       2x2 space-to-depth input no faster once its kernel gradient is counted).
     """
     out = (in_size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+    if kernel_size > 1 and groups > 1:
+        return "matmul_grads"
     if kernel_size > 1 and out * out <= 4:
         return "matmul"
     return "xla"
@@ -135,7 +142,26 @@ def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dil
     return y.reshape(n, out_h, out_w, cout)
 
 
-FORMS = {"xla": _xla_conv, "matmul": _matmul_conv}
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _xla_forward_matmul_grads(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int,
+                              groups: int, precision: Any) -> jax.Array:
+    """XLA's convolution forward; the input and kernel gradients as the patches-matmul form's."""
+    return _xla_conv(x, kernel, stride, padding, dilation, groups, precision)
+
+
+def _xmg_fwd(x, kernel, stride, padding, dilation, groups, precision):
+    return _xla_conv(x, kernel, stride, padding, dilation, groups, precision), (x, kernel)
+
+
+def _xmg_bwd(stride, padding, dilation, groups, precision, residuals, ct):
+    x, kernel = residuals
+    _, back = jax.vjp(lambda a, b: _matmul_conv(a, b, stride, padding, dilation, groups, precision), x, kernel)
+    return back(ct)
+
+
+_xla_forward_matmul_grads.defvjp(_xmg_fwd, _xmg_bwd)
+
+FORMS = {"xla": _xla_conv, "matmul": _matmul_conv, "matmul_grads": _xla_forward_matmul_grads}
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,

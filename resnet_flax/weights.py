@@ -184,8 +184,8 @@ def get_weights(arch: str, weights: str | WeightsEnum | Weights | bool) -> Weigh
     """Resolve ``"IMAGENET1K_V2"``, ``"DEFAULT"``, ``"ResNet50_Weights.IMAGENET1K_V2"``, an enum member or
     ``True`` (torchvision's ``pretrained=True``: the V1 weights) for ``arch``."""
     if arch not in REGISTRY:
-        raise ValueError(f"torchvision publishes no weights for {arch!r}; architectures with weights: "
-                         f"{', '.join(REGISTRY)}")
+        raise ValueError(f"torchvision publishes no weights for {arch!r} (it has them for {', '.join(REGISTRY)}); "
+                         f"timm's are on the Hugging Face Hub: weights='hf-hub:timm/{arch}.<tag>'")
     enum_cls = REGISTRY[arch]
     if isinstance(weights, Weights):
         w = weights

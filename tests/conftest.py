@@ -1,4 +1,4 @@
-"""Shared fixtures: torchvision models with realistic, non-trivial BatchNorm state."""
+"""Shared fixtures: torchvision and timm models with realistic, non-trivial BatchNorm state."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ PARITY_ROWS: list[str] = []
 
 
 def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False, **kwargs):
-    """torchvision ``name`` in eval mode with non-trivial BatchNorm state in every layer.
+    """torchvision ``name`` (timm's for timm's names) in eval mode with non-trivial BatchNorm state in every layer.
 
     By default the running mean/var and the affine scale/bias are random (mean ~ N(0, 0.1^2),
     var and scale ~ U(0.5, 1.5), bias ~ N(0, 0.1^2)). ``calibrate=True`` instead sets the running stats
@@ -28,8 +28,15 @@ def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False,
     import torch
     import torchvision
 
+    from resnet_flax.model import TIMM_ARCHS
+
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(**kwargs)
+    if name in TIMM_ARCHS:
+        import timm
+
+        model = timm.create_model(name, **kwargs)
+    else:
+        model = getattr(torchvision.models, name)(**kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     bns = randomize_bn_state(model, g)
     with torch.no_grad():
@@ -63,13 +70,14 @@ def randomize_bn_state(model, g):
 
 
 def torch_stages(model, x):
-    """torchvision's forward, returning the four stage outputs and the logits."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    """torchvision's (or timm's) forward, returning the four stage outputs and the logits."""
+    relu = model.act1 if hasattr(model, "act1") else model.relu  # timm's name / torchvision's
+    x = model.maxpool(relu(model.bn1(model.conv1(x))))
     stages = {}
     for name in ("layer1", "layer2", "layer3", "layer4"):
         x = getattr(model, name)(x)
         stages[name] = x
-    logits = model.fc(torch_flatten(model.avgpool(x)))
+    logits = model.fc(torch_flatten(x.mean((2, 3))))  # torchvision's avgpool / timm's global_pool
     return stages, logits
 
 
@@ -89,7 +97,7 @@ def nchw_to_nhwc(x):
 
 def pytest_terminal_summary(terminalreporter):
     if PARITY_ROWS:
-        terminalreporter.write_sep("-", "parity with torchvision (float32, CPU)")
+        terminalreporter.write_sep("-", "parity with torchvision and timm (float32, CPU)")
         for row in PARITY_ROWS:
             terminalreporter.write_line(row)
 

@@ -86,6 +86,7 @@ def test_sweep_plan_and_conv_lever_column():
     assert row["fast/torch"] == "2.00" and row["conv lever"] == "4.00" and row["px"] == "224"
     header, _ = comparison_rows([group[:2]], with_compile=False)
     assert "conv lever" not in header
+    assert group[2].to_dict()["flax_options"]["conv"] == "auto" and group[0].to_dict()["flax_options"] is None
 
 
 def test_pipeline_and_end_to_end_tables():

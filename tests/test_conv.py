@@ -57,7 +57,7 @@ def test_other_forms_are_as_exact_as_xla_convolution(name):
     ct = jnp.asarray(rng.normal(size=(n, out, out, cout)), jnp.float32)
     ref = torch_reference(x, w, ct, stride, padding, dilation, groups)
     xla = forward_and_grads("xla", x, w, ct, stride, padding, dilation, groups)
-    for form in ("matmul",):
+    for form in ("matmul", "matmul_grads"):
         got = forward_and_grads(form, x, w, ct, stride, padding, dilation, groups)
         for what, r, a, b in zip(("output", "input grad", "kernel grad"), ref, xla, got):
             assert a.shape == b.shape == r.shape, (form, what)
@@ -84,6 +84,7 @@ def test_each_backend_compiles_its_form():
     assert C.cpu_form(2, 64, 3, 1, 1) == "matmul" and C.cpu_form(4, 64, 3, 2, 1) == "matmul"
     assert C.cpu_form(4, 64, 3, 1, 1) == "xla" and C.cpu_form(1, 64, 1) == "xla"
     assert C.cpu_form(64, 3, 7, 2, 3) == "xla"
+    assert C.cpu_form(56, 128, 3, 1, 1, groups=32) == "matmul_grads" == C.cpu_form(2, 1024, 3, 1, 1, groups=32)
     assert "convolution" in ops(f, *big, platform="cpu") and "dot_general" not in ops(f, *big, platform="cpu")
     assert "dot_general" in ops(f, *small, platform="cpu") and "convolution" not in ops(f, *small, platform="cpu")
     # GPU and TPU keep XLA's convolution: only the CPU branch of platform_dependent is the matmul.

@@ -17,6 +17,7 @@ from conftest import nchw_to_nhwc, rel_err
 import convert
 import resnet_flax
 from convert.__main__ import main as cli
+from resnet_flax.model import TIMM_ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -417,3 +418,115 @@ def test_cli_flag_errors_one_line(tmp_path, r18):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "f"]
+
+
+# --- timm's ResNet-D/T and SE models -----------------------------------------------------------
+
+def small_timm(**kwargs):
+    """A small timm ResNet (one block a stage); by default with all three options: tiered stem, avg_down, SE."""
+    import timm.models.resnet as tr
+
+    args = {"stem_type": "deep_tiered", "stem_width": 32, "avg_down": True, "block_args": {"attn_layer": "se"},
+            "num_classes": 5, **kwargs}
+    torch.manual_seed(0)
+    return tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], **args).eval()
+
+
+@pytest.mark.parametrize("name", TIMM_ARCHS)
+def test_timm_checkpoint_converts_with_no_flags(tmp_path, capsys, name):
+    import timm
+
+    torch.manual_seed(0)
+    sd = timm.create_model(name, num_classes=6).state_dict()
+    torch.save(sd, tmp_path / f"{name}.pth")
+    code, out, err = run_cli(capsys, tmp_path / f"{name}.pth")
+    assert code == 0, err
+    assert out.startswith(f"found {name} (") and "6 classes" in out
+    model = resnet_flax.load(tmp_path / f"{name}.flax.safetensors")
+    assert model.config == resnet_flax.arch_config(name, num_classes=6)
+    back = convert.to_torch_state_dict(model)
+    assert list(back) == list(sd)  # timm's names, in timm's order
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_timm_checkpoint_cli_verify_and_back(tmp_path):
+    """python -m convert itself, with --verify against timm, then back to a .pth timm loads strictly."""
+    tm = small_timm()
+    torch.save({"state_dict": tm.state_dict()}, tmp_path / "t.pth")
+    proc = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "t.pth"), "--verify", "--verify-size", "40"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "custom ResNet (basic blocks [1, 1, 1, 1]" in proc.stdout and "deep tiered stem 24-32-64" in proc.stdout
+    assert "avg-pool shortcuts, SE" in proc.stdout and "OK" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "t.flax.safetensors"), "--out",
+                           str(tmp_path / "back.pth")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    fresh = small_timm()
+    fresh.load_state_dict(back, strict=True)
+    assert list(back) == list(tm.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in tm.state_dict().items())
+
+
+def test_timm_options_inferred_separately():
+    """Each option alone, and a wider deep stem (as timm's resnet50s: 64-64-128), is read off the tensors."""
+    for kwargs, expect in [
+        ({"stem_type": "", "avg_down": False}, {"se": True}),
+        ({"stem_type": "deep", "stem_width": 64, "block_args": None}, {"stem_type": "deep", "stem_width": 64,
+                                                                        "avg_down": True}),
+        ({"stem_type": "", "block_args": None}, {"avg_down": True}),
+    ]:
+        tm = small_timm(**kwargs)
+        config = convert.from_state_dict(tm.state_dict()).config
+        want = resnet_flax.ResNetConfig("basic", (1, 1, 1, 1), num_classes=5, **expect)
+        assert config == want, kwargs
+        x = torch.randn(2, 3, 40, 40)
+        with torch.no_grad():
+            ref = tm(x).numpy()
+        assert rel_err(convert.build_model(convert.from_state_dict(tm.state_dict()))(nchw_to_nhwc(x)), ref) <= 1e-5
+
+
+def test_timm_checkpoints_that_cannot_be_mapped_are_named(tmp_path, capsys):
+    from functools import partial
+
+    from timm.layers import SEModule
+
+    sd = small_timm().state_dict()
+    cases = {
+        "se_reduction": (small_timm(block_args={"attn_layer": partial(SEModule, rd_ratio=1 / 4)}).state_dict(),
+                         "SE blocks with 16 reduced channels for 64, with bias, are not supported (tensor "
+                         "layer1.0.se.fc1.weight); timm's 'se' has 8, with bias"),
+        "eca": (small_timm(block_args={"attn_layer": "eca"}).state_dict(),
+                "ECA attention (timm's ecaresnet*) is not supported (tensor layer1.0.se.conv.weight)"),
+        "stem_pool_conv": (small_timm(replace_stem_pool=True).state_dict(),
+                           "a strided conv in place of the stem max-pool (timm's replace_stem_pool) is not supported"),
+        "odd_stem": ({**sd, "conv1.0.weight": torch.zeros(16, 3, 3, 3), "conv1.1.weight": torch.zeros(16)},
+                     "a deep stem with 16, 32, 64 channels is not supported"),
+        "half_stem": ({k: v for k, v in sd.items() if not k.startswith("conv1.6")},
+                      "a deep stem without conv1.6.weight is not supported"),
+        "wrong_arch": (sd, "--arch resnet10t contradicts the tensors, which describe a custom ResNet"),
+    }
+    for name, (state, expect) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pth")
+        args = ["--arch", "resnet10t"] if name == "wrong_arch" else []
+        code, out, err = run_cli(capsys, tmp_path / f"{name}.pth", *args)
+        assert code == 2, (name, out)
+        assert len(err.strip().splitlines()) == 1 and expect in err, (name, err)
+        assert "not a ResNet" not in err
+        assert not (tmp_path / f"{name}.flax.safetensors").exists()
+
+
+@pytest.mark.parametrize("first_byte", [0x80, 0x28])  # header lengths are padded to 8: '}' and ']' cannot occur
+def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path, first_byte):
+    """A safetensors header length whose low byte is a pickle opcode (0x80 PROTO, '(' MARK) is still safetensors."""
+    from safetensors.numpy import save_file
+
+    from convert.reader import detect_format
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(300):
+        save_file({"w": np.zeros(1, np.float32)}, str(path), metadata={"p": "x" * pad})
+        if path.read_bytes()[0] == first_byte:
+            break
+    assert path.read_bytes()[0] == first_byte
+    assert detect_format(path) == "safetensors"

@@ -246,3 +246,28 @@ def test_hub_names_offline_from_the_hf_cache(tmp_path, monkeypatch):
     assert len(str(e.value).splitlines()) == 1
     with pytest.raises(WeightsError, match="contradicts"):
         resnet_flax.resnet50(weights="hf-hub:timm/resnet18.test")
+
+
+def test_timm_variant_by_hub_name(tmp_path, monkeypatch):
+    """timm's ResNet-D weights arrive by hub name like plain ones (resnet18d: deep stem, avg-pool shortcuts)."""
+    import huggingface_hub.constants as hfc
+    from safetensors.torch import save_file
+
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("RESNET_FLAX_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18d", num_classes=3)
+    randomize_bn_state(ref, torch.Generator().manual_seed(1))
+    ref.eval()
+    save_file(ref.state_dict(), tmp_path / "d.safetensors")
+    _fake_hf_cache(tmp_path / "hf", "timm/resnet18d.test", {
+        "config.json": json.dumps({"architecture": "resnet18d", "num_classes": 3}).encode(),
+        "model.safetensors": (tmp_path / "d.safetensors").read_bytes()})
+    x = rand_x()
+    err = rel_err(ours(resnet_flax.resnet18d(weights="hf-hub:timm/resnet18d.test"), x), theirs(ref, x))
+    assert err < TOL
+    row("hf-hub:timm/resnet18d (offline HF cache)", err)
+    with pytest.raises(ValueError, match=r"hf-hub:timm/resnet18d\.<tag>"):
+        resnet_flax.resnet18d(weights="DEFAULT")

@@ -16,16 +16,24 @@ from flax import nnx
 import convert
 import resnet_flax
 from convert.mapping import flax_to_torch
+from resnet_flax.model import TIMM_ARCHS
 
-ALL_ARCHS = resnet_flax.list_models()
+ALL_ARCHS = resnet_flax.list_models()  # torchvision's, then timm's (the reference model is timm's for those)
 EVAL_TOL = 1e-5
+
+
+def _eval_input(name: str) -> torch.Tensor:
+    """64x64; 64x48 for timm's, so the ceil-mode avg-pool shortcut meets an odd width (3, at layer4)."""
+    width = 48 if name in TIMM_ARCHS else 64
+    return torch.randn(2, 3, 64, width, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name", ALL_ARCHS)
 def test_eval_parity(name):
     tmodel = torch_model_with_bn_state(name)
     model = convert.build_model(convert.from_state_dict(tmodel.state_dict()))
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert model.config == resnet_flax.arch_config(name)
+    x = _eval_input(name)
     with torch.no_grad():
         ref_stages, ref_logits = torch_stages(tmodel, x)
     xj = jnp.asarray(nchw_to_nhwc(x))
@@ -64,7 +72,12 @@ def _torch_train_step(tmodel, x, y):
     return logits.detach().double().numpy(), grads, stats
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+# timm's: resnet18d (deep stem and avg-pool shortcuts in BasicBlocks), resnet14t (tiered stem, Bottleneck with the
+# identity pool in layer1's shortcut) and seresnext50_32x4d (SE gates with grouped convs) put every new module
+# through train mode (stem BatchNorms' statistics, the pool's and the gate's gradients); the other seven add only
+# depth, which the eval test covers.
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "resnet18d", "resnet14t",
+                                  "seresnext50_32x4d"])
 def test_train_step_parity(name):
     tmodel = torch_model_with_bn_state(name, num_classes=10)
     model = convert.build_model(convert.from_state_dict(tmodel.state_dict()))

@@ -268,6 +268,9 @@ def test_nan_stop_keeps_only_good_checkpoints_and_predict_uses_them(nan_workdir,
 def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsys, tmp_path):
     import shutil
 
+    import jax
+    import orbax.checkpoint as ocp
+
     _, wd, folder, _ = nan_workdir
     photo = folder / "red" / "0.jpg"
     bad = tmp_path / "bad"
@@ -279,6 +282,19 @@ def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsy
     assert code == 2 and len(err) == 1 and "cannot be read" in err[0] and out == "", err
     code, _, err = train_cli(capsys, *SMALL, "--data-dir", folder, "--max-steps", "9", "--workdir", bad)
     assert code == 2 and len(err) == 1 and "cannot be read" in err[0], err
+    nan = tmp_path / "nan"
+    shutil.copytree(wd, nan)
+    with ocp.CheckpointManager(nan / "checkpoints") as m:  # a NaN checkpoint, best by its recorded val_top1
+        both = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        r = m.restore(4, args=both)
+        nan_params = jax.tree.map(lambda x: np.asarray(x) * np.float32("nan"), r["state"]["params"])
+        state = {**r["state"], "params": nan_params}
+        m.save(6, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
+            {**r["meta"], "step": 6, "metrics": {"val_top1": 100.0}})))
+    for run in (lambda: predict_cli(capsys, photo, "--checkpoint", nan),
+                lambda: train_cli(capsys, *SMALL, "--data-dir", folder, "--max-steps", "9", "--workdir", nan)):
+        code, out, err = run()
+        assert code == 2 and len(err) == 1 and "non-finite" in err[0] and "6" in err[0], err
     (bad / "run.json").write_text('{"model": ')  # truncated
     code, out, err = predict_cli(capsys, photo, "--checkpoint", bad)
     assert code == 2 and len(err) == 1 and "run.json" in err[0], err
@@ -372,3 +388,14 @@ def test_full_disk_while_checkpointing_one_line_and_the_earlier_checkpoint_survi
         assert all(np.all(np.isfinite(a)) for a in restored_params(disk / "wd", 1))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_metrics_line_cut_by_a_kill_does_not_stop_the_resume(tmp_path):
+    from train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 1.0}\n{"step": 2, "train_loss": 0.9}\n{"step": 3, "train_lo')
+    log = MetricsLog(tmp_path, enabled=True)
+    log.truncate_after(2)  # what a resume at step 2 does; the cut line used to raise JSONDecodeError
+    log.close()
+    assert read_metrics(path) == [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.9}]

@@ -136,6 +136,27 @@ def topology_devices(name: str) -> list:
                        "(needs libtpu: pip install -e '.[tpu]')") from None
 
 
+class OutOfMemory(Exception):
+    """XLA refused to compile: the step needs more HBM than the chip has (``used`` bytes, when it says)."""
+
+    def __init__(self, used: float, message: str):
+        super().__init__(message)
+        self.used = used
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _out_of_memory(e: Exception) -> OutOfMemory | None:
+    """XLA:TPU's "Ran out of memory in memory space hbm. Used 20.69G of 15.75G hbm." as :class:`OutOfMemory`."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    m = re.search(r"Used ([\d.]+)([KMGT]?)B? of ([\d.]+)([KMGT]?)B? hbm", text)
+    used = float(m.group(1)) * _UNITS[m.group(2)] if m else math.inf
+    return OutOfMemory(used, text.strip().splitlines()[0])
+
+
 def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = False) -> Compiled:
     """The run's mesh, shardings and jitted steps over ``devices``, lowered on abstract state and compiled."""
     import jax
@@ -157,8 +178,14 @@ def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = F
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init))
     batch = batch_spec(cfg.batch_size, cfg.image_size, batch_sharding)
     t0 = time.perf_counter()
-    train = steps["train"].lower(state, batch).compile()
-    evaluate = None if train_only else steps["eval"].lower(state, batch).compile()
+    try:
+        train = steps["train"].lower(state, batch).compile()
+        evaluate = None if train_only else steps["eval"].lower(state, batch).compile()
+    except Exception as e:  # XLA:TPU checks the HBM it needs while compiling
+        oom = _out_of_memory(e)
+        if oom is None:
+            raise
+        raise oom from None
     batch_bytes = sum(math.prod(b.shape) * b.dtype.itemsize for b in batch.values()) // len(devices)
     params = sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))
     return Compiled(train, evaluate, time.perf_counter() - t0, batch_bytes, params)
@@ -307,6 +334,12 @@ def memory(compiled, extra_bytes: int = 0) -> dict[str, int]:
     return out
 
 
+def chip_hbm(devices: Sequence) -> float | None:
+    """HBM bytes per device (a v4 chip's two TensorCores share its HBM)."""
+    chip, per_chip = chip_of(devices)
+    return chip.hbm_bytes / per_chip if chip else None
+
+
 def chip_of(devices: Sequence) -> tuple[Chip | None, int]:
     """(the chip's specs, devices per chip): v4 topologies list each TensorCore as a device."""
     chip = CHIPS.get(devices[0].device_kind)
@@ -339,7 +372,7 @@ def build_report(cfg, topology: str, devices: Sequence, compiled: Compiled, num_
 
     n = len(devices)
     chip, per_chip = chip_of(devices)
-    hbm = chip.hbm_bytes / per_chip if chip else None
+    hbm = chip_hbm(devices)
     mem = {"train": memory(compiled.train, PREFETCH_BATCHES * compiled.batch_bytes),
            "eval": memory(compiled.eval, PREFETCH_BATCHES * compiled.batch_bytes)}
     peak = max(m["total"] for m in mem.values())
@@ -470,30 +503,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         devices = topology_devices(cfg.topology)
         num_classes = count_classes(cfg.dataset, cfg.data_dir, str(cfg.tfds_data_dir) if cfg.tfds_data_dir else None)
-        compiled = compile_steps(cfg, devices, num_classes)
-        report = build_report(cfg, cfg.topology, devices, compiled, num_classes)
+        try:
+            compiled = compile_steps(cfg, devices, num_classes)
+        except OutOfMemory as e:
+            report = {"topology": cfg.topology, "global_batch": cfg.batch_size, "fits": False, "xla_error": str(e),
+                      "memory": {"train": {"total": e.used}}, "hbm_per_device": chip_hbm(devices)}
+        else:
+            report = build_report(cfg, cfg.topology, devices, compiled, num_classes)
+            print(format_report(report), flush=True)
     except (DataError, RunError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_report(report), flush=True)
     if report["fits"] is False:
-        hbm = report["hbm_per_device"]
         from train.mesh import PREFETCH_BATCHES
 
         def used(b: int) -> float:
-            c = compile_steps(dataclasses.replace(cfg, batch_size=b), devices, num_classes, train_only=True)
+            try:
+                c = compile_steps(dataclasses.replace(cfg, batch_size=b), devices, num_classes, train_only=True)
+            except OutOfMemory as e:
+                return e.used
             return memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
 
         peak = max(m["total"] for m in report["memory"].values())
-        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), used, hbm, {cfg.batch_size: peak})
+        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), used, report["hbm_per_device"],
+                                                                {cfg.batch_size: peak})
     _write(cfg, report)
     if report["fits"] is False:
         largest = report["largest_fitting_batch"]
-        fix = f"the largest global batch that fits is {largest}" if largest else \
-            f"not even {len(devices)} (one image per device) fits"
-        print(f"error: --batch-size {cfg.batch_size} needs {_gib(max(m['total'] for m in report['memory'].values()))} "
-              f"per device, more than the {_gib(report['hbm_per_device'])} of HBM on {cfg.topology}; {fix}",
-              file=sys.stderr)
+        fix = f"pass --batch-size {largest} or less (the largest global batch that fits)" if largest else \
+            f"not even {len(devices)} (one image per device) fits: use a larger slice"
+        needs = max(m["total"] for m in report["memory"].values())
+        needs_text = _gib(needs) if math.isfinite(needs) else "more HBM than it has"
+        print(f"error: --batch-size {cfg.batch_size} needs {needs_text} per device, more than the "
+              f"{_gib(report['hbm_per_device'])} of HBM on {cfg.topology}; {fix}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,20 @@ GROUPS = ("model", "data", "optimisation", "run", "tpu sizing")
 
 
 def flag(default: Any, help: str, group: str, *, metavar: str | None = None, choices: list[str] | None = None,
-         default_text: str | None = None) -> Any:
+         default_text: str | None = None, minimum: float | None = None, above: float | None = None,
+         below: float | None = None, on_resume: str | None = None) -> Any:
     """A :class:`TrainConfig` field with its command-line flag: ``--name-with-dashes`` (``--no-name`` if True).
 
     The help gains "(default: X)" unless the default is None, a bool, or ``default_text`` already says it.
+    ``minimum`` (inclusive), ``above`` and ``below`` (exclusive) bound a number. ``on_resume`` says what a
+    rerun of a workdir may do with the flag: "free" (change it; the default in the run group), "compare"
+    (change it only with --allow-changed-flags; the default elsewhere) or "fixed" (never: the checkpoint's
+    structure depends on it).
     """
     return dataclasses.field(default=default, metadata={
-        "help": help, "group": group, "metavar": metavar, "choices": choices, "default_text": default_text})
+        "help": help, "group": group, "metavar": metavar, "choices": choices, "default_text": default_text,
+        "minimum": minimum, "above": above, "below": below,
+        "on_resume": on_resume or ("free" if group == "run" else "compare")})
 
 
 @dataclasses.dataclass
@@ -30,7 +38,7 @@ class TrainConfig:
 
     # model
     arch: str | None = flag(None, "architecture: " + ", ".join(ARCHS), "model", metavar="NAME", choices=list(ARCHS),
-                            default_text=f"{DEFAULT_ARCH}, or that of --init-from")
+                            default_text=f"{DEFAULT_ARCH}, or that of --init-from", on_resume="fixed")
     init_from: Path | None = flag(None, "start from weights: a PyTorch .pth/.pt/.safetensors/TorchScript file or a "
                                         "converted .flax.safetensors; a head of another size is re-initialised",
                                   "model", metavar="PATH")
@@ -42,27 +50,34 @@ class TrainConfig:
                                       "'synthetic'", "data", metavar="NAME")
     data_dir: Path | None = flag(None, "a folder of images with one sub-folder per class (overrides --dataset)",
                                  "data", metavar="PATH")
-    tfds_data_dir: Path | None = flag(None, "where TFDS keeps prepared datasets", "data", metavar="PATH")
-    val_fraction: float = flag(0.2, "held-out fraction when the data has no validation split", "data", metavar="X")
+    tfds_data_dir: Path | None = flag(None, "where TFDS keeps prepared datasets", "data", metavar="PATH",
+                                      on_resume="free")
+    val_fraction: float = flag(0.2, "held-out fraction when the data has no validation split", "data", metavar="X",
+                               minimum=0, below=1)
     image_size: int = flag(224, "training crop size; evaluation resizes to PX*256/224 then centre-crops PX",
-                           "data", metavar="PX")
-    num_workers: int = flag(2, "data loader processes per host (0: in the main process)", "data", metavar="N")
+                           "data", metavar="PX", minimum=1)
+    num_workers: int = flag(2, "data loader processes per host (0: in the main process)", "data", metavar="N",
+                            minimum=0, on_resume="free")
     # optimisation
-    batch_size: int = flag(128, "global batch size, split over all devices and hosts", "optimisation", metavar="N")
-    epochs: int = flag(30, "passes over the training data", "optimisation", metavar="N")
+    batch_size: int = flag(128, "global batch size, split over all devices and hosts", "optimisation", metavar="N",
+                           minimum=1)
+    epochs: int = flag(30, "passes over the training data (a rerun may extend the run)", "optimisation",
+                       metavar="N", minimum=1, on_resume="free")
     max_steps: int | None = flag(None, "stop after N steps in all (overrides --epochs)", "optimisation",
-                                 metavar="N")
-    optimizer: str = flag("adamw", "optimizer", "optimisation", choices=["sgd", "adamw"])
+                                 metavar="N", minimum=1, on_resume="free")
+    optimizer: str = flag("adamw", "optimizer", "optimisation", choices=["sgd", "adamw"], on_resume="fixed")
     lr: float = flag(1e-4, "peak learning rate at batch size 256 (scaled by --lr-scaling)", "optimisation",
-                     metavar="X")
+                     metavar="X", above=0)
     lr_scaling: str = flag("linear", "linear: peak lr = LR * batch_size / 256", "optimisation",
                            choices=["linear", "none"])
-    warmup_steps: int = flag(20, "linear warm-up steps before the cosine decay", "optimisation", metavar="N")
+    warmup_steps: int = flag(20, "linear warm-up steps before the cosine decay", "optimisation", metavar="N",
+                             minimum=0)
     weight_decay: float = flag(0.05, "decoupled weight decay on conv/linear kernels (never BatchNorm or biases)",
-                               "optimisation", metavar="X")
-    momentum: float = flag(0.9, "SGD momentum", "optimisation", metavar="X")
+                               "optimisation", metavar="X", minimum=0)
+    momentum: float = flag(0.9, "SGD momentum", "optimisation", metavar="X", minimum=0, below=1)
     nesterov: bool = flag(True, "plain (not Nesterov) SGD momentum", "optimisation")
-    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy targets", "optimisation", metavar="X")
+    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy targets", "optimisation", metavar="X",
+                                  minimum=0, below=1)
     seed: int = flag(0, "seed for init, shuffling, augmentation", "optimisation", metavar="N")
     # run
     workdir: Path = flag(Path("workdir"), "checkpoints, metrics.jsonl, TensorBoard events and the plot go here",
@@ -70,11 +85,14 @@ class TrainConfig:
     resume: bool = flag(False, "require a checkpoint in --workdir and continue from it (rerunning resumes anyway)",
                         "run")
     eval_only: bool = flag(False, "evaluate (--init-from or the workdir's best) and exit", "run")
-    log_every: int = flag(10, "log training metrics every N steps", "run", metavar="N")
-    checkpoint_every: int = flag(500, "checkpoint every N steps (and at each epoch end)", "run", metavar="N")
+    allow_changed_flags: bool = flag(False, "resume a --workdir with other values of its run-defining flags "
+                                            "(--lr, --label-smoothing, ...; recorded in run.json)", "run")
+    log_every: int = flag(10, "log training metrics every N steps", "run", metavar="N", minimum=1)
+    checkpoint_every: int = flag(500, "checkpoint every N steps (and at each epoch end)", "run", metavar="N",
+                                 minimum=1)
     keep_checkpoints: int = flag(3, "keep the last K checkpoints (plus the best by validation top-1)", "run",
-                                 metavar="K")
-    eval_every_epochs: int = flag(1, "evaluate every N epochs (and after the last)", "run", metavar="N")
+                                 metavar="K", minimum=1)
+    eval_every_epochs: int = flag(1, "evaluate every N epochs (and after the last)", "run", metavar="N", minimum=1)
     distributed: bool = flag(False, "multi-host: call jax.distributed.initialize() (TPU pods, SLURM/GPU clusters)",
                              "run")
     progress: bool = flag(True, "no progress bar", "run")
@@ -113,7 +131,7 @@ The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tb/) and curv
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m train`` command line, generated from the fields of :class:`TrainConfig`."""
-    p = argparse.ArgumentParser(prog="python -m train", description=DESCRIPTION,
+    p = _Parser(prog="python -m train", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     hints = typing.get_type_hints(TrainConfig)
@@ -131,20 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, exit 2 (argparse prints the whole usage first)."""
+        self.exit(2, f"error: {message}; see python -m train --help\n")
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """argv -> :class:`TrainConfig`, rejecting values that cannot work with a one-line message."""
     p = build_parser()
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    for name in ("batch_size", "image_size", "epochs", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "eval_every_epochs"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        p.error("--max-steps must be at least 1")
-    if not 0 <= cfg.label_smoothing < 1:
-        p.error("--label-smoothing must be in [0, 1)")
+    for f in dataclasses.fields(TrainConfig):
+        if (problem := _out_of_range(getattr(cfg, f.name), f.metadata)) is not None:
+            p.error(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: {problem}")
     if cfg.compile_only != (cfg.topology is not None):
         p.error("--compile-only and --topology NAME go together (e.g. --compile-only --topology v5e:2x4)")
     if cfg.eval_only and cfg.init_from is None and not (cfg.workdir / "checkpoints").is_dir():
         p.error("--eval-only needs --init-from PATH or a --workdir with checkpoints")
     return cfg
+
+
+def _out_of_range(value: Any, m: typing.Mapping[str, Any]) -> str | None:
+    """What is wrong with ``value`` under the field's bounds, or None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if not math.isfinite(value):
+        return "must be a finite number"
+    lo, hi = m.get("minimum"), m.get("below")
+    if m.get("above") is not None and value <= m["above"]:
+        return f"must be greater than {m['above']}"
+    if lo is not None and value < lo:
+        return f"must be at least {lo}" + (f" and below {hi}" if hi is not None else "")
+    if hi is not None and value >= hi:
+        return f"must be below {hi}" + (f" (and at least {lo})" if lo is not None else "")
+    return None

@@ -17,7 +17,7 @@ from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
 from train.progress import Progress, log
-from train.run_file import RUN_FILE, check_same_run, write_run_file
+from train.run_file import RUN_FILE, check_same_run, describe_changes, write_run_file
 from train.steps import OptimConfig, build_steps
 
 
@@ -42,8 +42,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     resuming = ckpts is not None and ckpts.latest_step() is not None
     if cfg.resume and not resuming:
         raise RunError(f"--resume: no checkpoint in {cfg.workdir / 'checkpoints'}; drop --resume to start afresh")
+    changed = {}
     if resuming and not cfg.eval_only:  # evaluating may use another batch size; it changes nothing
-        check_same_run(cfg)
+        changed = check_same_run(cfg, splits.class_names)
     model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
     model_config = model.config
     state, train_step, eval_step = build_steps(model, optim, cfg.seed, replicated, batch_sharding)
@@ -75,7 +76,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             log(format_eval(result))
             return result
 
-        write_run_file(cfg, model_config, splits.class_names)
+        if changed:
+            log(f"resuming with changed flags (--allow-changed-flags; recorded in {RUN_FILE}): "
+                f"{describe_changes(changed)}")
+        write_run_file(cfg, model_config, splits.class_names, changed, int(position["step"]))
         metrics.truncate_after(int(position["step"]))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
             f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "

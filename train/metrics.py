@@ -32,7 +32,7 @@ class MetricsLog:
         """Drop records past ``step``: after a resume they describe work that is being redone."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= step]
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in keep)))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -52,7 +52,16 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of ``path``, skipping a line cut short by a kill mid-write (or otherwise damaged)."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 def plot_curves(metrics_path: Path, out: Path) -> Path | None:
