@@ -17,6 +17,8 @@ import pytest
 
 from train.compile_only import accelerator_type, collectives, isolation_env, largest_fitting_batch
 
+pytestmark = pytest.mark.xdist_group("tpu_compile")  # one worker compiles the topologies once
+
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not os.environ.get("CI"),

@@ -254,6 +254,7 @@ def nan_workdir(tmp_path_factory):
     return code, wd, folder, [line for line in stderr.getvalue().splitlines() if line.startswith("error")]
 
 
+@pytest.mark.xdist_group("nan_workdir")  # one worker builds the shared NaN run
 def test_nan_stop_keeps_only_good_checkpoints_and_predict_uses_them(nan_workdir, capsys):
     code, wd, folder, err = nan_workdir
     assert code == 1 and len(err) == 1 and "step 5" in err[0] and "step 4" in err[0], err
@@ -265,6 +266,7 @@ def test_nan_stop_keeps_only_good_checkpoints_and_predict_uses_them(nan_workdir,
     assert code == 0 and "nan%" not in out and "%" in out, err
 
 
+@pytest.mark.xdist_group("nan_workdir")  # one worker builds the shared NaN run
 def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsys, tmp_path):
     import shutil
 
