@@ -27,7 +27,7 @@ from flax import nnx
 
 from resnet_flax.conv import CPU_EVAL_OPTIONS, conv2d, cpu_compiler_options
 from resnet_flax.layers import BatchNorm, Dtype
-from resnet_flax.model import BasicBlock, Bottleneck, ResNet
+from resnet_flax.model import BasicBlock, Bottleneck, ResNet, ResNetConfig
 
 FoldedParams = dict[str, Any]
 ApplyFn = Callable[[FoldedParams, jax.Array], jax.Array]
@@ -99,14 +99,19 @@ def _fold_block(block: BasicBlock | Bottleneck) -> tuple[dict[str, Any], BlockPl
     return params, BlockPlan(convs=tuple(s for _, s in folded), downsample=downsample)
 
 
+def unfoldable_options(config: ResNetConfig) -> list[str]:
+    """The timm options of ``config`` that :func:`fold_batchnorm` does not fold (empty: it folds the model)."""
+    c = config
+    return [name for name, on in (("deep stem", c.stem_type), ("avg_down", c.avg_down), ("se", c.se)) if on]
+
+
 def fold_batchnorm(model: ResNet) -> tuple[ApplyFn, FoldedParams]:
     """``(apply_fn, params)`` computing ``model``'s eval-mode logits with BatchNorm folded into the convs.
 
     ``apply_fn(params, x)`` takes NHWC images like ``model(x)`` and returns float32 logits; jit it yourself.
     The model is read, never modified; its running statistics are what get folded in.
     """
-    c = model.config
-    timm_options = [name for name, on in (("deep stem", c.stem_type), ("avg_down", c.avg_down), ("se", c.se)) if on]
+    timm_options = unfoldable_options(model.config)
     if timm_options:
         raise ValueError(f"fold_batchnorm does not fold timm's {', '.join(timm_options)}; run the model itself")
     stem_params, stem_spec = fold_conv_bn(model.conv1, model.bn1)
@@ -160,8 +165,7 @@ def inference_fn(model: ResNet) -> Callable[[jax.Array], jax.Array]:
     images like ``model(x)``, returns float32 logits equal to ``model.eval()(x)`` to float32 rounding.
     """
     options = cpu_compiler_options(CPU_EVAL_OPTIONS)
-    c = model.config
-    if c.stem_type or c.avg_down or c.se or model.fc is None:  # not foldable: the eval-mode model itself
+    if unfoldable_options(model.config) or model.fc is None:  # not foldable: the eval-mode model itself
         snapshot = nnx.clone(model)
         snapshot.eval()
         graphdef, state = nnx.split(snapshot)
