@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from train.errors import DataError
 from train.transforms import eval_crop, normalize, open_image, train_crop
 
 logger = logging.getLogger(__name__)
+_IN_MEMORY_FILE = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FOLDER_LAYOUT = "expected DIR/<class>/<images> or DIR/train/<class>/<images> + DIR/val/<class>/<images>"
@@ -542,7 +544,8 @@ class ExampleLoader:
                 pixels = eval_crop(image, self.image_size, self.resize_size)
             label = int(record["label"])
         except Exception as e:
-            logger.warning("skipping unreadable image %s: %s", _describe(record, index), first_line(e))
+            why = _IN_MEMORY_FILE.sub("", first_line(e))  # PIL names the BytesIO it read, not the file
+            logger.warning("skipping unreadable image %s: %s", _describe(record, index), why)
             return self._blank(corrupt=1)
         return {"image": normalize(pixels) if self.normalize else pixels, "label": np.int32(label),
                 "mask": np.float32(1.0), "corrupt": np.int32(0)}
@@ -751,12 +754,17 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     _mark_absl_flags_parsed()
     per_worker = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                  worker_init_fn=_ignore_interrupts)
+                                  worker_init_fn=_init_worker)
 
 
-def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
-    """Workers leave Ctrl-C to the main process, which stops them and frees their buffers in order."""
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Workers leave Ctrl-C to the main process (which stops them and frees their buffers in order) and print
+    their warnings as the main process does: the message alone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -87,7 +87,8 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     ax2.set(xlabel="step", ylabel="accuracy (%)", title="validation accuracy")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run stopped before its first evaluation has no val curves
+            ax.legend()
     fig.tight_layout()
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
