@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # With libtpu installed (the tpu extra) JAX would load it in every process, and the first one takes
@@ -93,6 +95,26 @@ def rel_err(a, b) -> float:
 
 def nchw_to_nhwc(x):
     return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole run, inherited by the xdist workers and by the training commands the
+    tests start: dozens of small runs compile the same resnet18 steps, and compiling each once saves CI minutes.
+    Only the compiled code is shared, never a result; each run still traces, checks and executes on its own."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config.jax_cache_dir = tempfile.mkdtemp(prefix="resnet-flax-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config.jax_cache_dir
+    # A size limit turns on the cache's file lock: concurrent processes never read an entry half-written.
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "jax_cache_dir", None)
+    if path:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+        os.environ.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):
