@@ -123,7 +123,8 @@ examples:
   python -m train --arch resnet18 --data-dir ~/flower_photos --workdir runs/folder   # one sub-folder per class
   python -m train --init-from resnet50.pth --dataset imagenette --epochs 5 --workdir runs/finetune
   python -m train --eval-only --init-from resnet50.pth --dataset imagenet2012 --workdir runs/eval  # 76.13% top-1
-  python -m train --dataset synthetic --arch resnet18 --image-size 64 --batch-size 32 --max-steps 50 --workdir runs/smoke
+  python -m train --dataset synthetic --arch resnet18 --image-size 64 --batch-size 32 --max-steps 50 \\
+      --workdir runs/smoke
 
 Re-running the same command with the same --workdir continues where it stopped (or pass --resume).
 The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tb/) and curves.png.
