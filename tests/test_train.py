@@ -140,7 +140,7 @@ def test_sigkill_and_resume_equals_uninterrupted(folder, tmp_path):
 def test_ctrl_c_with_worker_processes_stops_in_one_line_leaving_nothing_behind(folder, tmp_path):
     """The default reader (worker processes): Ctrl-C mid-run ends in one line, exit 130, no leaked semaphores or
     shared memory (Python's resource tracker would print "leaked ..." into the run's stderr), and the checkpoint
-    already written stays resumable."""
+    already written is kept."""
     wd = tmp_path / "wd"
     cmd = [*with_workers(SMALL, 2), "--data-dir", str(folder), "--max-steps", "6", "--checkpoint-every", "2",
            "--workdir", str(wd)]
@@ -159,7 +159,7 @@ def test_ctrl_c_with_worker_processes_stops_in_one_line_leaving_nothing_behind(f
     assert all(line.startswith(f"skipping unreadable image {folder / 'red' / 'broken.jpg'}: UnidentifiedImageError:")
                for line in lines[:-1]), err
     assert lines[-1] == "interrupted: rerun the same command to resume from the last checkpoint", err
-    assert 2 in [int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()]
+    assert (wd / "checkpoints" / "2").is_dir()
 
 
 def reordering_noise(perms: list[np.ndarray]) -> float:

@@ -150,6 +150,7 @@ def test_predict_refuses_bombs_broken_images_and_nonfinite_outputs(tmp_path, cap
             bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
         code, out, err = predict_cli(capsys, bad, "--checkpoint", tmp_path / "ok.flax.safetensors")
         assert code == 2 and len(err) == 1 and why in err[0] and out == "", err
+        assert "BytesIO" not in err[0], err  # the reason names the file, not our in-memory copy of it
     model.fc.bias[...] = model.fc.bias[...].at[0].set(float("inf"))  # converted files may hold inf
     resnet_flax.save(model, tmp_path / "inf.flax.safetensors")
     code, out, err = predict_cli(capsys, photo, "--checkpoint", tmp_path / "inf.flax.safetensors", "--image-size", 32)

@@ -18,7 +18,6 @@ import itertools
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,6 @@ from train.errors import DataError
 from train.transforms import eval_crop, normalize, open_image, train_crop
 
 logger = logging.getLogger(__name__)
-_IN_MEMORY_FILE = re.compile(r" <_io\.BytesIO object at 0x[0-9a-f]+>")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FOLDER_LAYOUT = "expected DIR/<class>/<images> or DIR/train/<class>/<images> + DIR/val/<class>/<images>"
@@ -544,8 +542,7 @@ class ExampleLoader:
                 pixels = eval_crop(image, self.image_size, self.resize_size)
             label = int(record["label"])
         except Exception as e:
-            why = _IN_MEMORY_FILE.sub("", first_line(e))  # PIL names the BytesIO it read, not the file
-            logger.warning("skipping unreadable image %s: %s", _describe(record, index), why)
+            logger.warning("skipping unreadable image %s: %s", _describe(record, index), first_line(e))
             return self._blank(corrupt=1)
         return {"image": normalize(pixels) if self.normalize else pixels, "label": np.int32(label),
                 "mask": np.float32(1.0), "corrupt": np.int32(0)}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,9 +50,17 @@ def open_image(data: ImageInput) -> Image.Image:
     if isinstance(data, np.ndarray):
         return _array_to_image(data)
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(data))
+        return _open_encoded(data)
     with open(data, "rb") as f:
-        return Image.open(io.BytesIO(f.read()))
+        return _open_encoded(f.read())
+
+
+def _open_encoded(data: bytes | bytearray | memoryview) -> Image.Image:
+    """``Image.open`` of in-memory bytes; PIL's "cannot identify" error would name our BytesIO and its address."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("cannot identify image file: not an image format PIL reads") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
