@@ -82,6 +82,25 @@ def test_run_data_is_make_loader_per_segment_from_one_iterator(tmp_path, monkeyp
     assert got[0][0]["image"].dtype == np.uint8
 
 
+def test_batch_spec_is_what_a_run_feeds_its_steps(tmp_path):
+    """--compile-only compiles the steps for train.mesh.batch_spec: the dtypes and shapes RunData yields."""
+    from train.mesh import batch_spec, device_batch, make_mesh
+
+    splits = _folder(tmp_path)
+    run = RunData(splits, run_schedule(2, 1, 0, 0, 0), batch_size=3, image_size=16, seed=0)
+    try:
+        (batch,) = list(run.train(0, 0))
+    finally:
+        run.close()
+    _, sharding = make_mesh(jax.devices()[:1])
+    spec = batch_spec(3, 16, sharding)
+    got = device_batch(batch)
+    assert set(spec) == set(got)
+    for key, value in got.items():
+        assert (spec[key].shape, spec[key].dtype) == (value.shape, value.dtype), key
+    assert spec["image"].dtype == np.uint8
+
+
 def test_run_data_refuses_a_segment_out_of_order(tmp_path):
     splits = _folder(tmp_path)
     run = RunData(splits, run_schedule(2, 4, 0, 0, 0), batch_size=3, image_size=16, seed=0)

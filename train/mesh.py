@@ -35,10 +35,10 @@ def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def batch_spec(batch_size: int, image_size: int, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes, dtypes and sharding of the global batch the steps receive (from the loader's own example)."""
-    from train.data import ExampleLoader
+    """Shapes, dtypes and sharding of the global batch a run's steps receive (from the run loader's own example)."""
+    from train.data import RunData
 
-    example = device_batch(ExampleLoader(None, 0, image_size, True, 0, 0)(0))  # index >= size: a padding example
+    example = device_batch(RunData.padding_example(image_size))
     return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)
             for k, v in example.items()}
 
