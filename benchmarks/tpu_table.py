@@ -9,7 +9,6 @@ one pod-scale multi-host compile. Each compile runs in its own child, isolated a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -24,49 +23,64 @@ SLICES = {"v5e-8": "v5e:2x4", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1"}
 POD = ("resnet50", "v5e-256", "v5e:16x16")
 PER_CHIP = 128
 IMAGE_SIZE = 224
+CLASSES = 1000  # the ImageNet head
 
 
-def child(arch: str, topology: str, per_chip: int, search: bool) -> dict[str, Any]:
-    """One configuration, in the isolated child: the report at ``per_chip`` images a chip (+ the largest batch)."""
+def _config(arch: str, topology: str, batch: int):
+    from train.config import parse_config
+
+    return parse_config(["--arch", arch, "--dtype", "bfloat16", "--image-size", str(IMAGE_SIZE), "--batch-size",
+                         str(batch), "--dataset", "synthetic", "--compile-only", "--topology", topology])
+
+
+def child(arch: str, topology: str, per_chip: int) -> dict[str, Any]:
+    """One configuration, in the isolated child: the report at ``per_chip`` images a chip."""
     import jax
 
     jax.config.update("jax_platforms", "cpu")
     from train import compile_only as co
-    from train.config import parse_config
-    from train.mesh import PREFETCH_BATCHES
 
     devices = co.topology_devices(topology)
     _, per_device = co.chip_of(devices)
-    batch = per_chip * len(devices) // per_device
-    cfg = parse_config(["--arch", arch, "--dtype", "bfloat16", "--image-size", str(IMAGE_SIZE), "--batch-size",
-                        str(batch), "--dataset", "synthetic", "--compile-only", "--topology", topology])
-    classes = 1000  # the ImageNet head
-    compiled = co.compile_steps(cfg, devices, classes)
-    report = co.build_report(cfg, topology, devices, compiled, classes)
-    if search:
-        t0 = time.perf_counter()
-
-        def used(b: int) -> float:
-            c = co.compile_steps(dataclasses.replace(cfg, batch_size=b), devices, classes, train_only=True)
-            return co.memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
-
-        peak = max(m["total"] for m in report["memory"].values())
-        report["largest_fitting_batch"] = co.largest_fitting_batch(len(devices), used, report["hbm_per_device"],
-                                                                   {batch: peak})
-        report["search_seconds"] = round(time.perf_counter() - t0, 1)
-    return report
+    cfg = _config(arch, topology, per_chip * len(devices) // per_device)
+    compiled = co.compile_steps(cfg, devices, CLASSES)
+    return co.build_report(cfg, topology, devices, compiled, CLASSES)
 
 
-def run_child(arch: str, topology: str, search: bool) -> dict[str, Any]:
-    cmd = [*no_network_prefix(), sys.executable, "-m", "benchmarks.tpu_table", "--child", arch, topology,
-           str(PER_CHIP), str(int(search))]
+def search_child(row: dict[str, Any]) -> dict[str, Any]:
+    """The largest global batch that fits, in the isolated child, starting from ``row``'s compile."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    from train import compile_only as co
+
+    devices = co.topology_devices(row["topology"])
+    cfg = _config(row["arch"], row["topology"], row["global_batch"])
+    tried: dict[int, float] = {}
+
+    def used(b: int) -> float:
+        tried[b] = co.train_step_bytes(cfg, devices, CLASSES, b)
+        return tried[b]
+
+    t0 = time.perf_counter()
+    peak = max(m["total"] for m in row["memory"].values())
+    best = co.largest_fitting_batch(len(devices), used, row["hbm_per_device"], {row["global_batch"]: peak},
+                                    co.fixed_bytes(row["memory"]["train"]))
+    return {"largest_fitting_batch": best, "search_compiles": tried,
+            "search_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_child(*args: str) -> dict[str, Any]:
+    """``child`` (arch, topology) or ``search_child`` (a row's JSON) in an isolated process, no network."""
+    topology = args[1] if args[0] == "report" else json.loads(args[1])["topology"]
+    cmd = [*no_network_prefix(), sys.executable, "-m", "benchmarks.tpu_table", "--child", *args]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=isolation_env(topology), capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(f"{arch} on {topology} failed:\n{out.stderr[-3000:]}")
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    report["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return report
+        raise SystemExit(f"{' '.join(args)[:200]} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["search_wall_seconds" if args[0] == "search" else "wall_seconds"] = round(time.perf_counter() - t0, 1)
+    return result
 
 
 def _collectives(r: dict[str, Any]) -> str:
@@ -108,6 +122,11 @@ def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None)
     return "\n".join(lines)
 
 
+def _save(path: Path, done: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(done.values()), indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tpu_table", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("bench-results/tpu_table.json"), help="all reports as JSON")
@@ -116,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="single-host slices (none: only the pod-scale compile)")
     p.add_argument("--no-search", action="store_true", help="skip the largest-batch search (one compile each)")
     p.add_argument("--no-pod", action="store_true", help="skip the pod-scale compile")
-    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        arch, topology, _, search = args.child
-        print(json.dumps(child(arch, topology, PER_CHIP, search == "1"), default=str))
+        kind, *rest = args.child
+        result = child(rest[0], rest[1], PER_CHIP) if kind == "report" else search_child(json.loads(rest[0]))
+        print(json.dumps(result, default=str))
         return 0
     rows, done = [], {}
     if args.out.exists():  # resume: a long run killed part-way keeps what it finished
@@ -130,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         todo.insert(0, (POD[0], POD[1], POD[2], False))  # the slowest compile first: a cut-short run keeps it
     for arch, name, topology, search in todo:
         r = done.get((arch, topology))
-        if r is None or (search and "largest_fitting_batch" not in r):
-            r = run_child(arch, topology, search)
-        done[(arch, topology)] = r
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(list(done.values()), indent=1))
+        if r is None:
+            r = done[(arch, topology)] = run_child("report", arch, topology)
+            _save(args.out, done)
+        if search and "largest_fitting_batch" not in r:
+            r.update(run_child("search", json.dumps(r)))
+        _save(args.out, done)
         print(f"{arch} {name}: {r['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
         rows.append((name, r))
     pod = rows.pop(0)[1] if not args.no_pod else None

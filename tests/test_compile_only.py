@@ -95,6 +95,9 @@ def test_largest_fitting_batch_searches_by_compiling_few_times():
         best = largest_fitting_batch(8, used, hbm, seed)
         assert len(tried) <= 4, tried  # compiles
         assert best % 8 == 0 and used(best) <= hbm < used(best + 8)
+        tried.clear()  # knowing the bytes that do not grow with the batch (state, code) saves a compile
+        assert largest_fitting_batch(8, used, hbm, seed, fixed=1.0e9) == best
+        assert len(tried) <= 3, tried
     assert largest_fitting_batch(8, lambda b: 2e10, hbm, {64: 2e10}) == 0
 
 
@@ -117,6 +120,22 @@ def test_libtpu_is_kept_offline_and_out_of_the_parent():
     assert env["ALLOW_MULTIPLE_LIBTPU_LOAD"] == "1" and env["TPU_ACCELERATOR_TYPE"] == "v5litepod-8"
     assert accelerator_type("v5p:2x2x1") == "v5p-8" and accelerator_type("v4:2x2x2") == "v4-16"
     assert accelerator_type("nonsense") is None
+
+
+@needs_libtpu
+def test_commands_leave_libtpu_out_on_a_machine_without_a_tpu():
+    """With the [tpu] extra installed and no chip, JAX would load libtpu, which prints errors on stderr."""
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        pytest.skip("a TPU is attached: JAX must load libtpu")
+    code = ("from train.platforms import leave_out_absent_tpu; leave_out_absent_tpu(); import jax; "
+            "from jax._src import xla_bridge; jax.devices(); print(sorted(xla_bridge.backends()))")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_FORCE_TPU_INIT")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "tpu" not in proc.stdout, proc.stderr[-2000:]
+    assert "libtpu" not in proc.stderr.lower() and "TPU" not in proc.stderr, proc.stderr[-2000:]
 
 
 @needs_libtpu

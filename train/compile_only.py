@@ -366,6 +366,13 @@ def cost(compiled) -> dict[str, float]:
     return {"flops": float(ca.get("flops", 0.0)), "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
 
 
+def fixed_bytes(m: dict[str, int]) -> int:
+    """Of a step's per-device memory (:func:`memory`), the bytes that do not grow with the batch."""
+    from train.mesh import PREFETCH_BATCHES
+
+    return m["arguments"] - m["prefetched"] // PREFETCH_BATCHES + m["code"]
+
+
 def build_report(cfg, topology: str, devices: Sequence, compiled: Compiled, num_classes: int) -> dict[str, Any]:
     """Everything ``--compile-only`` prints, as plain data (also written to ``--workdir``/compile_only.json)."""
     from train.mesh import PREFETCH_BATCHES
@@ -453,14 +460,26 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def train_step_bytes(cfg, devices: Sequence, num_classes: int, batch_size: int) -> float:
+    """Per-device bytes of the train step compiled at global ``batch_size`` (XLA's own count if it refuses)."""
+    from train.mesh import PREFETCH_BATCHES
+
+    try:
+        c = compile_steps(dataclasses.replace(cfg, batch_size=batch_size), devices, num_classes, train_only=True)
+    except OutOfMemory as e:
+        return e.used
+    return memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
+
+
 def largest_fitting_batch(num_devices: int, used: Callable[[int], float], hbm: float,
-                          known: dict[int, float]) -> int:
+                          known: dict[int, float], fixed: float = 0.0) -> int:
     """The largest multiple of the device count that fits, found by compiling (compiles are deterministic).
 
-    ``used(b)`` is the per-device bytes at global batch ``b`` (the train step's: evaluating needs less) and
-    ``known`` the batches already compiled. Memory grows almost linearly with the batch, so each next try
-    is read off the line through the two nearest known points, inside the bracket [fits, too big]: a few
-    compiles in all. 0 when not even one image per device fits.
+    ``used(b)`` is the per-device bytes at global batch ``b`` (the train step's: evaluating needs less),
+    ``known`` the batches already compiled and ``fixed`` the bytes that do not grow with the batch (state,
+    code) when known. Memory grows almost linearly with the batch, so each next try is read off the line
+    through the two nearest known points (the first through ``fixed`` at batch 0), inside the bracket
+    [fits, too big]: a few compiles in all. 0 when not even one image per device fits.
     """
     n = num_devices
     mem = {b // n: m for b, m in known.items()}  # in units of n images
@@ -476,7 +495,8 @@ def largest_fitting_batch(num_devices: int, used: Callable[[int], float], hbm: f
             guess = int(u1 + (hbm - m1) * (u2 - u1) / (m2 - m1))
         else:
             u1, m1 = pts[0]
-            guess = int(u1 * hbm / m1)
+            base = fixed if 0 <= fixed < min(m1, hbm) else 0.0
+            guess = int(u1 * (hbm - base) / (m1 - base))
         guess = max(lo + 1, guess if hi is None else min(hi - 1, guess))
         if guess in mem:  # the line points at a tried batch: halve the bracket instead
             guess = lo + 1 if hi is None else (lo + hi) // 2
@@ -515,18 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report["fits"] is False:
-        from train.mesh import PREFETCH_BATCHES
-
-        def used(b: int) -> float:
-            try:
-                c = compile_steps(dataclasses.replace(cfg, batch_size=b), devices, num_classes, train_only=True)
-            except OutOfMemory as e:
-                return e.used
-            return memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
-
         peak = max(m["total"] for m in report["memory"].values())
-        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), used, report["hbm_per_device"],
-                                                                {cfg.batch_size: peak})
+        fixed = fixed_bytes(report["memory"]["train"]) if "arguments" in report["memory"]["train"] else 0.0
+        report["largest_fitting_batch"] = largest_fitting_batch(
+            len(devices), lambda b: train_step_bytes(cfg, devices, num_classes, b), report["hbm_per_device"],
+            {cfg.batch_size: peak}, fixed)
     _write(cfg, report)
     if report["fits"] is False:
         largest = report["largest_fitting_batch"]
