@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> int:
         from train.compile_only import run_isolated
 
         return run_isolated(sys.argv[1:] if argv is None else argv, cfg.topology)
+    from train.platforms import leave_out_absent_tpu
+
+    leave_out_absent_tpu()
     from resnet_flax.io import WeightsError
     from train.checkpoint import CheckpointWriteError
     from train.errors import DataError, NonFiniteLoss, RunError

@@ -17,6 +17,7 @@ from resnet_flax.io import WeightsError, first_line
 from resnet_flax.model import ResNet, ResNetConfig
 from resnet_flax.weights import EvalTransform
 from train.errors import DataError
+from train.platforms import leave_out_absent_tpu
 from train.run_file import RUN_FILE
 
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
                                                   "records, or 224)")
     args = p.parse_args(argv)
+    leave_out_absent_tpu()
     try:
         for path in args.images:
             if not path.is_file():
