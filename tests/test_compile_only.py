@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,35 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
     assert ar["backward"] >= RESNET18_BATCHNORMS  # each BatchNorm's gradient sums
     assert ar["bytes"] >= 2 * report["params"]  # and every parameter's gradient (at least in bfloat16)
     assert report["eval_collectives"]["all-reduce"]["count"] == 1  # eval: only the metric sums
+
+
+@needs_libtpu
+def test_a_batch_that_does_not_fit_exits_2_naming_the_largest_that_does(reports, tmp_path):
+    """The search with real compiles, kept small: the one-host case on a v5e with one byte less HBM than its
+    batch needs. (At 64 px a device's memory is flat below ~8 images, XLA's tiles: measured 177.95 MB at 1
+    image a device, 178.70 at 8, 185.08 at 16; so a cut deeper than that would leave nothing that fits.)"""
+    from train.compile_only import no_network_prefix
+
+    report = reports["one host"][0]
+    topology, devices, _, batch = CASES["one host"]
+    hbm = report["memory"]["train"]["total"] - 1
+    code = ("import dataclasses, sys; import train.compile_only as co; "
+            f"co.CHIPS['TPU v5 lite'] = dataclasses.replace(co.CHIPS['TPU v5 lite'], hbm_bytes={hbm}); "
+            "sys.exit(co.main(sys.argv[1:]))")
+    args = ["--compile-only", "--arch", "resnet18", "--image-size", "64", "--dtype", "bfloat16", "--dataset",
+            "synthetic", "--workdir", str(tmp_path), "--topology", topology, "--batch-size", str(batch)]
+    env = {k: v for k, v in isolation_env(topology).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    proc = subprocess.run([*no_network_prefix(), sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    largest = json.loads((tmp_path / "compile_only.json").read_text())["largest_fitting_batch"]
+    assert f"--batch-size {batch} needs" in line and f"pass --batch-size {largest} or less" in line, line
+    assert 0 < largest < batch and largest % devices == 0
+    tries = dict(re.findall(r"--batch-size (\d+): .* (fits|too big) \(", proc.stdout))
+    assert tries[str(largest)] == "fits", proc.stdout  # both neighbours compiled: the answer is measured
+    assert tries.get(str(largest + devices), "too big") == "too big" and \
+        (str(largest + devices) in tries or largest + devices == batch), proc.stdout
 
 
 def test_largest_fitting_batch_searches_by_compiling_few_times():

@@ -537,9 +537,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if report["fits"] is False:
         peak = max(m["total"] for m in report["memory"].values())
         fixed = fixed_bytes(report["memory"]["train"]) if "arguments" in report["memory"]["train"] else 0.0
-        report["largest_fitting_batch"] = largest_fitting_batch(
-            len(devices), lambda b: train_step_bytes(cfg, devices, num_classes, b), report["hbm_per_device"],
-            {cfg.batch_size: peak}, fixed)
+        hbm = report["hbm_per_device"]
+        print(f"--batch-size {cfg.batch_size} does not fit in {_gib(hbm)} a device; searching for the largest "
+              "global batch that does, one compile a try:", flush=True)
+
+        tried: dict[int, float] = report.setdefault("search_compiles", {})
+
+        def used(b: int) -> float:
+            t0 = time.perf_counter()
+            m = tried[b] = train_step_bytes(cfg, devices, num_classes, b)
+            print(f"  --batch-size {b}: {_gib(m) if math.isfinite(m) else 'more than XLA can place'} a device, "
+                  f"{'fits' if m <= hbm else 'too big'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            return m
+
+        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), used, hbm, {cfg.batch_size: peak}, fixed)
     _write(cfg, report)
     if report["fits"] is False:
         largest = report["largest_fitting_batch"]
