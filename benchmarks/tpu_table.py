@@ -86,8 +86,7 @@ def run_child(*args: str) -> dict[str, Any]:
 def _collectives(r: dict[str, Any]) -> str:
     parts = []
     for kind, s in r["collectives"].items():
-        mib = s["bytes"] / 2**20
-        parts.append(f"{s['count']} {kind} ({mib:.0f} MiB)")
+        parts.append(f"{s['count']} {kind}, {s['bytes'] / 2**20:.0f} MiB")
     return ", ".join(parts)
 
 
@@ -95,28 +94,47 @@ def _groups(r: dict[str, Any]) -> list[int]:
     return sorted({g for s in r["collectives"].values() for g in s["groups"]})
 
 
+def _largest(r: dict[str, Any]) -> str:
+    """The searched largest batch (how many compiles it took), else the line's estimate, labelled."""
+    if "largest_fitting_batch" in r:
+        return f"{r['largest_fitting_batch']:,} ({len(r['search_compiles'])} compiles)"
+    from train.compile_only import fixed_bytes
+
+    m, n = r["memory"]["train"], r["devices"]
+    fixed = fixed_bytes(m)
+    per_image = (m["total"] - fixed) / r["per_device_batch"]
+    return f"~{int((r['hbm_per_device'] - fixed) // per_image) * n:,} (est.)"
+
+
+def _input_mark(r: dict[str, Any]) -> str:
+    """A dagger on rows compiled for float32 input batches (before runs fed uint8 to the steps)."""
+    return "" if r["batch_dtypes"]["image"] == "uint8" else " †"
+
+
 def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None) -> str:
     """The README's table (and the pod-scale line)."""
-    lines = ["| arch | slice | memory/chip at 128 img/chip (args + temps) | of HBM | largest global batch that fits "
-             "| GFLOPs/image (XLA; dense conv+fc fwd x3) | roofline img/s (compute; HBM traffic) | collectives/step |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | slice | memory/chip (args + temps) | of HBM | largest global batch that fits "
+             "| GFLOPs/image XLA (analytic) | roofline img/s: bound (compute; HBM traffic) | collectives/step "
+             "| compile |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         m = r["memory"]["train"]
         rf = r["roofline"]
         lines.append(
-            f"| {r['arch']} | {name} ({r['devices']} chips) | {m['total'] / 2**30:.2f} GiB "
+            f"| {r['arch']} | {name} (`{r['topology']}`) | {m['total'] / 2**30:.2f} GiB{_input_mark(r)} "
             f"({m['arguments'] / 2**30:.2f} + {m['temporaries'] / 2**30:.2f}) | {r['hbm_per_device'] / 2**30:.1f} GiB "
-            f"| {r.get('largest_fitting_batch', 'n/a')} | {r['flops_per_image'] / 1e9:.2f} "
-            f"({3 * r['forward_dense_flops_per_image'] / 1e9:.2f}) | {rf['images_per_s']:,.0f} "
-            f"({rf['compute_images_per_s']:,.0f}; {rf['hbm_images_per_s']:,.0f}) | {_collectives(r)} |")
+            f"| {_largest(r)} | {r['flops_per_image'] / 1e9:.2f} ({r['analytic_flops_per_image'] / 1e9:.2f}) "
+            f"| {rf['images_per_s']:,.0f} ({rf['compute_images_per_s']:,.0f}; {rf['hbm_images_per_s']:,.0f}) "
+            f"| {_collectives(r)} | {r['compile_seconds']:,.0f} s |")
     if pod:
         m = pod["memory"]["train"]
         lines.append("")
         lines.append(
             f"Pod scale: {pod['arch']} on {POD[1]} (`--topology {pod['topology']}`: {pod['devices']} chips, "
             f"{pod['hosts']} hosts), global batch {pod['global_batch']}: compiled in {pod['compile_seconds']:.0f} s "
-            f"(train + eval; {pod['wall_seconds']:.0f} s for the whole child), {m['total'] / 2**30:.2f} GiB per chip "
-            f"({m['arguments'] / 2**30:.2f} arguments + {m['temporaries'] / 2**30:.2f} temporaries) of "
+            f"(train + eval; {pod['wall_seconds']:.0f} s for the whole child), {m['total'] / 2**30:.2f} GiB"
+            f"{_input_mark(pod)} per chip ({m['arguments'] / 2**30:.2f} arguments + {m['temporaries'] / 2**30:.2f} "
+            f"temporaries) of "
             f"{pod['hbm_per_device'] / 2**30:.1f} GiB, roofline {pod['roofline']['images_per_s']:,.0f} images/s, "
             f"{_collectives(pod)}, all over groups of {_groups(pod)} devices.")
     return "\n".join(lines)

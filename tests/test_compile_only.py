@@ -58,6 +58,7 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
     assert (report["topology"], report["devices"], report["hosts"], report["global_batch"]) == \
         (topology, devices, hosts, batch)
     assert report["device_kind"] == "TPU v5 lite" and report["fits"] is True
+    assert report["batch_dtypes"] == {"image": "uint8", "label": "int32", "mask": "float32"}  # as RunData feeds
     assert report["memory"]["train"]["total"] <= report["hbm_per_device"]
     assert "fits" in stdout and "roofline" in stdout and not stderr.strip()  # libtpu kept quiet
 

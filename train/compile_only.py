@@ -120,6 +120,7 @@ class Compiled:
     seconds: float
     batch_bytes: int  # one global batch's bytes on each device
     params: int  # number of parameters
+    batch_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # what the steps were compiled for
 
 
 def topology_devices(name: str) -> list:
@@ -188,7 +189,8 @@ def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = F
         raise oom from None
     batch_bytes = sum(math.prod(b.shape) * b.dtype.itemsize for b in batch.values()) // len(devices)
     params = sum(math.prod(p.shape) for p in jax.tree.leaves(state.params))
-    return Compiled(train, evaluate, time.perf_counter() - t0, batch_bytes, params)
+    return Compiled(train, evaluate, time.perf_counter() - t0, batch_bytes, params,
+                    {k: str(b.dtype) for k, b in batch.items()})
 
 
 def forward_flops(cfg, num_classes: int) -> dict[str, float]:
@@ -403,7 +405,7 @@ def build_report(cfg, topology: str, devices: Sequence, compiled: Compiled, num_
         "collectives": summarise_collectives(coll),
         "eval_collectives": summarise_collectives(collectives(compiled.eval.as_text(), n)),
         "chip": dataclasses.asdict(chip) if chip else None,
-        "shardings": shardings(compiled.train),
+        "shardings": shardings(compiled.train), "batch_dtypes": compiled.batch_dtypes,
     }
     if chip:
         compute = n * chip.peak_flops / per_chip / report["flops_per_image"]
