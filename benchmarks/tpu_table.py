@@ -130,14 +130,24 @@ def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None)
         m = pod["memory"]["train"]
         lines.append("")
         lines.append(
-            f"Pod scale: {pod['arch']} on {POD[1]} (`--topology {pod['topology']}`: {pod['devices']} chips, "
-            f"{pod['hosts']} hosts), global batch {pod['global_batch']}: compiled in {pod['compile_seconds']:.0f} s "
-            f"(train + eval; {pod['wall_seconds']:.0f} s for the whole child), {m['total'] / 2**30:.2f} GiB"
-            f"{_input_mark(pod)} per chip ({m['arguments'] / 2**30:.2f} arguments + {m['temporaries'] / 2**30:.2f} "
-            f"temporaries) of "
-            f"{pod['hbm_per_device'] / 2**30:.1f} GiB, roofline {pod['roofline']['images_per_s']:,.0f} images/s, "
-            f"{_collectives(pod)}, all over groups of {_groups(pod)} devices.")
+            f"**Pod scale**: {pod['arch']} on {POD[1]} (`--topology {pod['topology']}`: {pod['devices']} chips, "
+            f"{pod['hosts']} hosts as libtpu describes it), global batch {pod['global_batch']:,} "
+            f"({pod['per_device_batch']} a chip): the same layout compiles, in {pod['compile_seconds']:,.0f} s "
+            f"(train + eval; {pod['wall_seconds']:,.0f} s for the whole child): {m['total'] / 2**30:.2f} GiB"
+            f"{_input_mark(pod)} a chip ({m['arguments'] / 2**30:.2f} arguments + {m['temporaries'] / 2**30:.2f} "
+            f"temporaries) of {pod['hbm_per_device'] / 2**30:.1f} GiB, {pod['flops_per_image'] / 1e9:.2f} GFLOPs an "
+            f"image, {_collectives(pod)} a step, every one over groups of "
+            f"{' or '.join(map(str, _groups(pod)))} devices, roofline {pod['roofline']['images_per_s']:,.0f} "
+            f"images/s (compute {pod['roofline']['compute_images_per_s']:,.0f}).")
     return "\n".join(lines)
+
+
+def _batch_dtypes() -> dict[str, str]:
+    """The dtypes of the batches a run feeds its steps now (what a row must have been compiled for)."""
+    from train.data import RunData
+    from train.mesh import device_batch
+
+    return {k: str(v.dtype) for k, v in device_batch(RunData.padding_example(IMAGE_SIZE)).items()}
 
 
 def _save(path: Path, done: dict) -> None:
@@ -163,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, done = [], {}
     if args.out.exists():  # resume: a long run killed part-way keeps what it finished
         done = {(r["arch"], r["topology"]): r for r in json.loads(args.out.read_text())}
+    current = _batch_dtypes()
     todo = [(a, n, SLICES[n], not args.no_search) for n in args.slice for a in args.arch]
     if not args.no_pod:
         todo.insert(0, (POD[0], POD[1], POD[2], False))  # the slowest compile first: a cut-short run keeps it
     for arch, name, topology, search in todo:
         r = done.get((arch, topology))
-        if r is None:
+        if r is None or r.get("batch_dtypes") != current:  # new, or compiled for other batches than runs feed
             r = done[(arch, topology)] = run_child("report", arch, topology)
             _save(args.out, done)
         if search and "largest_fitting_batch" not in r:

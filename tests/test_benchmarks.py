@@ -105,3 +105,25 @@ def test_pipeline_and_end_to_end_tables():
     header, rows = end_to_end_rows({"summary": {"torch": {"wall_s": 86.0, "val_top1": 97.8},
                                                 "flax": {"wall_s": 43.0, "val_top1": 98.3}}})
     assert [r[3] for r in rows] == ["1.00", "2.00"] and rows[1][2] == "98.30"
+
+
+def test_tpu_table_renders_the_committed_compiles_and_labels_what_was_not_measured():
+    import json
+    from pathlib import Path
+
+    from benchmarks import tpu_table
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/tpu_table.json").read_text())
+    names = {v: k for k, v in tpu_table.SLICES.items()}
+    single = [(names[r["topology"]], r) for r in rows if r["topology"] in names]
+    pod = next(r for r in rows if r["topology"] == tpu_table.POD[2])
+    text = tpu_table.markdown(single, pod)
+    lines = text.splitlines()
+    assert len([x for x in lines if x.startswith("| resnet")]) == len(single)
+    for name, r in single:  # compiled for float32 batches (before runs fed uint8): marked, never silently mixed
+        line = next(x for x in lines if x.startswith(f"| {r['arch']} | {name} "))
+        assert ("†" in line) == (r["batch_dtypes"]["image"] != "uint8"), line
+        assert ("(est.)" in line) == ("largest_fitting_batch" not in r), line  # an estimate says so
+    assert "**Pod scale**" in text and f"{pod['global_batch']:,}" in text
+    stale = {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"] != tpu_table._batch_dtypes()}
+    assert stale == {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"]["image"] == "float32"}
