@@ -9,6 +9,7 @@ one pod-scale multi-host compile. Each compile runs in its own child, isolated a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -56,17 +57,10 @@ def search_child(row: dict[str, Any]) -> dict[str, Any]:
 
     devices = co.topology_devices(row["topology"])
     cfg = _config(row["arch"], row["topology"], row["global_batch"])
-    tried: dict[int, float] = {}
-
-    def used(b: int) -> float:
-        tried[b] = co.train_step_bytes(cfg, devices, CLASSES, b)
-        return tried[b]
-
     t0 = time.perf_counter()
-    peak = max(m["total"] for m in row["memory"].values())
-    best = co.largest_fitting_batch(len(devices), used, row["hbm_per_device"], {row["global_batch"]: peak},
-                                    co.fixed_bytes(row["memory"]["train"]))
-    return {"largest_fitting_batch": best, "search_compiles": tried,
+    row = {**row, "search_compiles": {}}
+    best = co.search_largest_batch(cfg, devices, CLASSES, row, lambda line: print(line, file=sys.stderr, flush=True))
+    return {"largest_fitting_batch": best, "search_compiles": row["search_compiles"],
             "search_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -107,8 +101,8 @@ def _largest(r: dict[str, Any]) -> str:
 
 
 def _input_mark(r: dict[str, Any]) -> str:
-    """A dagger on rows compiled for float32 input batches (before runs fed uint8 to the steps)."""
-    return "" if r["batch_dtypes"]["image"] == "uint8" else " †"
+    """A dagger on rows compiled for other input batches than a run feeds (float32, before runs fed uint8)."""
+    return "" if r["batch_dtypes"] == _batch_dtypes() else " †"
 
 
 def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None) -> str:
@@ -142,6 +136,7 @@ def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None)
     return "\n".join(lines)
 
 
+@functools.cache
 def _batch_dtypes() -> dict[str, str]:
     """The dtypes of the batches a run feeds its steps now (what a row must have been compiled for)."""
     from train.data import RunData

@@ -473,6 +473,26 @@ def train_step_bytes(cfg, devices: Sequence, num_classes: int, batch_size: int) 
     return memory(c.train, PREFETCH_BATCHES * c.batch_bytes)["total"]
 
 
+def search_largest_batch(cfg, devices: Sequence, num_classes: int, report: dict[str, Any],
+                         log: Callable[[str], None]) -> int:
+    """:func:`largest_fitting_batch` by compiling, from ``report``'s compile at ``cfg.batch_size``; each try is
+    logged as it finishes and kept in ``report["search_compiles"]`` (global batch -> bytes a device)."""
+    hbm = report["hbm_per_device"]
+    peak = max(m["total"] for m in report["memory"].values())
+    train = report["memory"]["train"]
+    fixed = fixed_bytes(train) if "arguments" in train else 0.0  # XLA refused the first compile: total only
+    tried: dict[int, float] = report.setdefault("search_compiles", {})
+
+    def used(b: int) -> float:
+        t0 = time.perf_counter()
+        m = tried[b] = train_step_bytes(cfg, devices, num_classes, b)
+        log(f"  --batch-size {b}: {_gib(m) if math.isfinite(m) else 'more than XLA can place'} a device, "
+            f"{'fits' if m <= hbm else 'too big'} ({time.perf_counter() - t0:.0f} s)")
+        return m
+
+    return largest_fitting_batch(len(devices), used, hbm, {cfg.batch_size: peak}, fixed)
+
+
 def largest_fitting_batch(num_devices: int, used: Callable[[int], float], hbm: float,
                           known: dict[int, float], fixed: float = 0.0) -> int:
     """The largest multiple of the device count that fits, found by compiling (compiles are deterministic).
@@ -537,22 +557,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report["fits"] is False:
-        peak = max(m["total"] for m in report["memory"].values())
-        fixed = fixed_bytes(report["memory"]["train"]) if "arguments" in report["memory"]["train"] else 0.0
-        hbm = report["hbm_per_device"]
-        print(f"--batch-size {cfg.batch_size} does not fit in {_gib(hbm)} a device; searching for the largest "
-              "global batch that does, one compile a try:", flush=True)
-
-        tried: dict[int, float] = report.setdefault("search_compiles", {})
-
-        def used(b: int) -> float:
-            t0 = time.perf_counter()
-            m = tried[b] = train_step_bytes(cfg, devices, num_classes, b)
-            print(f"  --batch-size {b}: {_gib(m) if math.isfinite(m) else 'more than XLA can place'} a device, "
-                  f"{'fits' if m <= hbm else 'too big'} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            return m
-
-        report["largest_fitting_batch"] = largest_fitting_batch(len(devices), used, hbm, {cfg.batch_size: peak}, fixed)
+        print(f"--batch-size {cfg.batch_size} does not fit in {_gib(report['hbm_per_device'])} a device; searching "
+              "for the largest global batch that does, one compile a try:", flush=True)
+        report["largest_fitting_batch"] = search_largest_batch(cfg, devices, num_classes, report,
+                                                               lambda line: print(line, flush=True))
     _write(cfg, report)
     if report["fits"] is False:
         largest = report["largest_fitting_batch"]
