@@ -13,7 +13,7 @@ from convert.core import (
     save_torch,
     to_torch_state_dict,
 )
-from resnet_flax.io import WeightsError
+from resnet_flax.errors import WeightsError
 
 __all__ = ["Checkpoint", "WeightsError", "build_model", "compare_outputs", "describe", "eval_settings",
            "from_state_dict", "load_model", "load_with_info", "read_checkpoint", "save_torch", "to_torch_state_dict"]

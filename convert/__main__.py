@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from resnet_flax.io import WeightsError
+    from resnet_flax.errors import WeightsError
 
     try:
         dilation = None if args.dilation is None else tuple(bool(int(f)) for f in args.dilation.split(","))
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool] | None) -> i
     import resnet_flax
     from convert import core
     from convert.reader import detect_format, require_torch
+    from resnet_flax.errors import WeightsError
     from resnet_flax.hub import sha256_file
-    from resnet_flax.io import WeightsError
 
     src: Path = args.src
     if src.is_dir():  # a Hugging Face / timm hub folder (config.json + weights)

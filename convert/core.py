@@ -15,7 +15,9 @@ from flax import nnx
 import resnet_flax
 from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_order, torch_to_flax
 from convert.reader import detect_format, read_source
-from resnet_flax.io import WeightsError, abstract_model, atomic_write, flat_state, load_flat_state
+from resnet_flax.atomic import atomic_write
+from resnet_flax.errors import WeightsError
+from resnet_flax.io import abstract_model, flat_state, load_flat_state
 from resnet_flax.layers import Dtype
 from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name, structure
 from resnet_flax.weights import EvalTransform, WeightsInfo

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from convert.mapping import normalize_key, stem_prefixes
-from resnet_flax.io import WeightsError
+from resnet_flax.errors import WeightsError
 from resnet_flax.weights import EvalTransform, WeightsInfo
 
 WEIGHTS_SETS = ("auto", "ema", "model")

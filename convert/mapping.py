@@ -11,7 +11,8 @@ import re
 
 import numpy as np
 
-from resnet_flax.io import WeightsError, key_mismatch, preview_keys
+from resnet_flax.errors import WeightsError, preview_keys
+from resnet_flax.io import key_mismatch
 from resnet_flax.model import ResNetConfig, se_channels
 
 # (flax leaf, kind of owner module) -> torch leaf

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from convert import torchfile
-from resnet_flax.io import WeightsError, first_line, is_converted_file
+from resnet_flax.errors import WeightsError, first_line
+from resnet_flax.io import is_converted_file
 from resnet_flax.weights import WeightsInfo
 
 # Keys under which training scripts commonly nest the state dict.

@@ -23,7 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from resnet_flax.io import WeightsError
+from resnet_flax.errors import WeightsError
 
 MAX_PICKLE_BYTES = 64 << 20  # a ResNet's data.pkl is ~30 KB; Lightning/timm extras stay far below this
 MAX_NDIM = 32

@@ -1,7 +1,8 @@
 """torchvision's ResNet family and timm's ResNet-D/T and SE variants as Flax NNX modules; imports no torch."""
 
+from resnet_flax.errors import WeightsError
 from resnet_flax.fuse import inference_fn
-from resnet_flax.io import WeightsError, flat_state, load, load_flat_state, save
+from resnet_flax.io import flat_state, load, load_flat_state, save
 from resnet_flax.layers import COMPUTE_DTYPES, BatchNorm
 from resnet_flax.model import (
     ARCHS,

@@ -21,7 +21,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from resnet_flax.io import SUFFIX, WeightsError, atomic_write, load, read_metadata
+from resnet_flax.atomic import atomic_write
+from resnet_flax.errors import WeightsError
+from resnet_flax.io import SUFFIX, load, read_metadata
 from resnet_flax.layers import Dtype
 from resnet_flax.model import ResNet
 from resnet_flax.weights import WeightsInfo, get_weights, weights_info

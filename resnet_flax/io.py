@@ -5,13 +5,9 @@ Reading it needs neither torch nor pickle, so ``resnet_flax.load("model.flax.saf
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import secrets
-import signal
-import threading
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,16 +16,14 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from resnet_flax.atomic import atomic_write
+from resnet_flax.errors import WeightsError, first_line, preview_keys
 from resnet_flax.layers import Dtype
 from resnet_flax.model import ResNet, ResNetConfig
 
 FORMAT = "resnet_flax"
 FORMAT_VERSION = "1"
 SUFFIX = ".flax.safetensors"
-
-
-class WeightsError(ValueError):
-    """A weights file or state dict that does not fit the model; the message is one line."""
 
 
 def flat_state(model: ResNet) -> dict[str, np.ndarray]:
@@ -70,99 +64,6 @@ def key_mismatch(missing: list[str], extra: list[str]) -> str:
     if extra:
         parts.append(f"unexpected {len(extra)} key(s): {preview_keys(extra)}")
     return "; ".join(parts)
-
-
-def preview_keys(keys: list[str], n: int = 5) -> str:
-    """The first ``n`` keys and how many more, for a one-line message."""
-    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-TMP_MARK = ".partial-"  # temporary files are named ``.NAME.partial-PID-RANDOM``
-
-
-def atomic_write(path: str | os.PathLike, write, *, exclusive: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then move it onto ``path``, so no reader ever sees a half-written file.
-
-    The result gets the mode the user's umask gives new files. ``exclusive=True`` never replaces an existing
-    ``path`` (of two concurrent writers exactly one wins; the other gets :class:`WeightsError`). The temporary
-    file is removed on any failure or SIGTERM; ones left by a killed process are removed by the next write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-    if exclusive and path.exists():
-        raise WeightsError(f"{path} exists; pass --overwrite to replace it or --out for another path")
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask, as the kernel applied it to this new file
-        with _cleanup_on_sigterm():
-            write(str(tmp))
-            os.chmod(tmp, mode)  # writers that replace the file (safetensors does) would leave 0600
-            if exclusive:
-                _link_exclusive(tmp, path)
-            else:
-                os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _link_exclusive(tmp: Path, path: Path) -> None:
-    """Create ``path`` from ``tmp`` atomically, failing if it exists (a hard link never replaces a file)."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise WeightsError(f"{path} exists (written meanwhile by another process?); pass --overwrite to replace "
-                           "it or --out for another path") from None
-    except OSError:  # a file system without hard links: claim the name first, then move the data in
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        except FileExistsError:
-            raise WeightsError(f"{path} exists (written meanwhile by another process?); pass --overwrite to "
-                               "replace it or --out for another path") from None
-        os.replace(tmp, path)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries of ``path`` whose writing process is gone (killed with SIGKILL, power loss)."""
-    prefix = f".{path.name}{TMP_MARK}"
-    try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:
-        return
-    for p in candidates:
-        pid = p.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _cleanup_on_sigterm():
-    """Turn SIGTERM into an exception while writing, so ``finally`` removes the temporary file."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def save(model: ResNet, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None, *,
@@ -244,13 +145,3 @@ def header_config(meta: dict[str, str], num_tensors: int, path: object) -> ResNe
     if sum(config.layers) * 10 > num_tensors:
         raise WeightsError(bad.format(f"{sum(config.layers)} blocks declared, {num_tensors} tensors stored"))
     return config
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message`` for embedding an exception in a one-line error, cut between words."""
-    text = str(error).strip().splitlines()
-    line = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    if len(line) <= limit:
-        return line
-    cut = line[:limit - 3].rsplit(" ", 1)[0] if " " in line[:limit - 3] else line[:limit - 3]
-    return cut.rstrip(" ,;:(") + "..."

@@ -253,7 +253,7 @@ def test_inference_shapes_arrays(r18):
 # --- outputs: exclusive, umask mode, no leftovers, one line on write errors ----------------------
 
 def temporaries(d: Path) -> list[str]:
-    return [p.name for p in d.iterdir() if resnet_flax.io.TMP_MARK in p.name]
+    return [p.name for p in d.iterdir() if resnet_flax.atomic.TMP_MARK in p.name]
 
 
 def test_two_conversions_to_one_out_exactly_one_wins(tmp_path, r18):
@@ -278,7 +278,7 @@ def test_exclusive_write_never_replaces_a_file_that_appears_meanwhile(tmp_path):
         out.write_bytes(b"theirs")
 
     with pytest.raises(resnet_flax.WeightsError, match="exists"):
-        resnet_flax.io.atomic_write(out, write, exclusive=True)
+        resnet_flax.atomic.atomic_write(out, write, exclusive=True)
     assert out.read_bytes() == b"theirs" and temporaries(tmp_path) == []
 
 
@@ -288,7 +288,7 @@ def test_outputs_get_the_umask_mode(tmp_path, capsys, r18, umask):
     old = os.umask(umask)
     try:
         assert run_cli(capsys, tmp_path / "a.pth")[0] == 0
-        resnet_flax.io.atomic_write(tmp_path / "run.json", lambda tmp: Path(tmp).write_text("{}"))  # train's path
+        resnet_flax.atomic.atomic_write(tmp_path / "run.json", lambda tmp: Path(tmp).write_text("{}"))  # train's path
     finally:
         os.umask(old)
     for name in ("a.flax.safetensors", "run.json"):

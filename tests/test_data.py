@@ -16,7 +16,7 @@ from PIL import Image
 
 from train import data
 from train import transforms as tr
-from train.data import DataError
+from train.errors import DataError
 
 MEAN = np.asarray(tr.IMAGENET_MEAN, np.float32)
 STD = np.asarray(tr.IMAGENET_STD, np.float32)

@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 import convert  # noqa: E402
 import resnet_flax  # noqa: E402
 from convert.__main__ import main as convert_main  # noqa: E402
+from resnet_flax.errors import WeightsError  # noqa: E402
 from resnet_flax.hub import file_info  # noqa: E402
-from resnet_flax.io import WeightsError  # noqa: E402
 
 TOL = 1e-5
 

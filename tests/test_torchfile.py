@@ -18,7 +18,7 @@ import torch
 import torchvision
 
 from convert import torchfile
-from resnet_flax.io import WeightsError
+from resnet_flax.errors import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -316,7 +316,7 @@ def test_crafted_benign_control_reads(tmp_path):
 RSS_PROBE = """
 import sys
 from convert import torchfile
-from resnet_flax.io import WeightsError
+from resnet_flax.errors import WeightsError
 
 def status(field):
     return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(field)))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from train import data
 from train.__main__ import main as train_main
-from train.data import DataError
+from train.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")

@@ -87,7 +87,7 @@ def test_log_lines_print_above_the_bar(capsys):
 
 
 def test_first_line_of_an_error_is_cut_between_words():
-    from resnet_flax.io import first_line
+    from resnet_flax.errors import first_line
 
     assert first_line(ValueError("bad value\nmore detail")) == "ValueError: bad value"
     assert first_line(KeyError()) == "KeyError"

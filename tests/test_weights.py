@@ -22,7 +22,7 @@ from conftest import rel_err
 import resnet_flax
 from resnet_flax import hub
 from resnet_flax import weights as W
-from resnet_flax.io import WeightsError
+from resnet_flax.errors import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     from train.platforms import leave_out_absent_tpu
 
     leave_out_absent_tpu()
-    from resnet_flax.io import WeightsError
-    from train.checkpoint import CheckpointWriteError
-    from train.errors import DataError, NonFiniteLoss, RunError
-    from train.lock import WorkdirError, workdir_lock
+    from resnet_flax.errors import WeightsError
+    from train.errors import CheckpointWriteError, DataError, NonFiniteLoss, RunError, WorkdirError
+    from train.lock import workdir_lock
     from train.loop import run
 
     try:

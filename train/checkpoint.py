@@ -19,14 +19,11 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from resnet_flax.io import WeightsError, first_line
+from resnet_flax.errors import first_line
+from train.errors import CheckpointError, CheckpointWriteError
 from train.steps import TrainState, all_finite
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, read-only); the message is one line naming the fix."""
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -76,7 +73,7 @@ class Checkpoints:
         """Restore ``step`` (default: latest) into the structure, dtypes and shardings of ``target``.
 
         A checkpoint that cannot be read (tampered, truncated, another model) or holds non-finite weights
-        raises :class:`WeightsError` in one line.
+        raises :class:`CheckpointError` in one line.
         """
         step = self.latest_step() if step is None else step
         abstract = jax.tree.map(_restore_target, target)
@@ -85,10 +82,10 @@ class Checkpoints:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, OSError, ... on damaged files
-            raise WeightsError(f"checkpoint {where} cannot be read ({first_line(e)}); delete it to resume from "
+            raise CheckpointError(f"checkpoint {where} cannot be read ({first_line(e)}); delete it to resume from "
                                "an earlier one, or start afresh in a new --workdir") from None
         if not bool(all_finite(restored.state.params, restored.state.batch_stats)):
-            raise WeightsError(f"checkpoint {where} holds non-finite (NaN/inf) weights; delete it to use an "
+            raise CheckpointError(f"checkpoint {where} holds non-finite (NaN/inf) weights; delete it to use an "
                                "earlier one, or start afresh in a new --workdir")
         return restored.state, restored.meta
 
@@ -102,7 +99,7 @@ class Checkpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:
-            raise WeightsError(f"checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); "
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); "
                                "delete it to use an earlier one, or start afresh in a new --workdir") from None
 
     def wait(self) -> None:

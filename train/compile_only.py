@@ -538,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # jax was imported (by the config) before the env was set
-    from resnet_flax.io import WeightsError
+    from resnet_flax.errors import WeightsError
     from train.data import count_classes
     from train.errors import DataError, RunError
 
@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(cfg, report: dict[str, Any]) -> None:
-    from resnet_flax.io import atomic_write
+    from resnet_flax.atomic import atomic_write
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, default=str)

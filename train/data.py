@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from resnet_flax.io import first_line, preview_keys
+from resnet_flax.errors import first_line, preview_keys
 from train.errors import DataError
 from train.transforms import eval_crop, normalize, open_image, train_crop
 

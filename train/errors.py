@@ -16,3 +16,15 @@ class DataError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+class CheckpointError(RunError):
+    """A training checkpoint or workdir that cannot be read; the message is one line naming the fix."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only); the message is one line naming the fix."""
+
+
+class WorkdirError(Exception):
+    """The workdir cannot be used (busy, not writable); the message is one line naming the fix."""

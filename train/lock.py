@@ -9,11 +9,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from train.errors import WorkdirError
+
 LOCK_FILE = ".lock"
-
-
-class WorkdirError(Exception):
-    """The workdir cannot be used (busy, not writable); the message is one line naming the fix."""
 
 
 @contextlib.contextmanager

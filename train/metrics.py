@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_flax.io import atomic_write
+from resnet_flax.atomic import atomic_write
 from train.progress import Progress
 
 

@@ -12,11 +12,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from resnet_flax.errors import WeightsError, first_line
 from resnet_flax.fuse import inference_fn
-from resnet_flax.io import WeightsError, first_line
 from resnet_flax.model import ResNet, ResNetConfig
 from resnet_flax.weights import EvalTransform
-from train.errors import DataError
+from train.errors import CheckpointError, DataError
 from train.platforms import leave_out_absent_tpu
 from train.run_file import RUN_FILE
 
@@ -33,16 +33,16 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
         tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
         names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
                            "pass the --workdir of a complete run") from None
     if len(names) != config.num_classes:
-        raise WeightsError(f"{workdir / RUN_FILE} names {len(names)} classes for a {config.num_classes}-class "
+        raise CheckpointError(f"{workdir / RUN_FILE} names {len(names)} classes for a {config.num_classes}-class "
                            "model (damaged?); pass the --workdir of a complete run")
     graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx))
     ckpts = Checkpoints(workdir, async_save=False)
     step = ckpts.best_step() or ckpts.latest_step()
     if step is None:
-        raise WeightsError(f"{workdir}: no checkpoint yet; train first or pass a weights file")
+        raise CheckpointError(f"{workdir}: no checkpoint yet; train first or pass a weights file")
     state, _ = ckpts.restore(target, step)
     ckpts.close()
     model = nnx.merge(graphdef, state.params, state.batch_stats)
@@ -55,7 +55,7 @@ def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int | EvalTrans
     or a PyTorch checkpoint."""
     if checkpoint.is_dir() and not (checkpoint / "config.json").exists():
         if not (checkpoint / RUN_FILE).exists():
-            raise WeightsError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
+            raise CheckpointError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
     import convert
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             raise WeightsError(f"{args.checkpoint}: no such workdir or weights file")
         model, names, size = load_predictor(args.checkpoint)
         probs = predict(model, args.images, args.image_size or size)
-    except (DataError, WeightsError) as e:
+    except (CheckpointError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     k = min(args.top_k, probs.shape[-1])

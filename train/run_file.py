@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from resnet_flax.io import atomic_write
+from resnet_flax.atomic import atomic_write
 from resnet_flax.model import ResNetConfig, arch_name
 from train.config import TrainConfig
 from train.errors import RunError
