@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from resnet_flax.model import ARCHS
+    from resnet_flax.registry import ARCHS
 
     p = _Parser(
         prog="python -m convert",
@@ -35,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dilation", metavar="B,B,B",
                    help="replace_stride_with_dilation for layer2..4 as 0/1 flags (not visible in the weights; "
                         "default 0,0,0, or 0,1,1 for torchvision segmentation models)")
+    p.add_argument("--prefix", metavar="PREFIX",
+                   help="the ResNet to take from a file holding several (e.g. 'encoder.'); by default the one "
+                        "complete ResNet the file holds, found by its structure")
     p.add_argument("--weights-set", choices=["auto", "ema", "model"], default="auto",
                    help="for checkpoints holding model and EMA weights (timm training): auto takes the EMA "
                         "weights, as timm's load_checkpoint does")
@@ -76,25 +78,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool] | None) -> int:
     import resnet_flax
-    from convert import core
-    from convert.reader import detect_format, require_torch
+    from convert.verify import compare_outputs, require_reference, require_torch, save_torch
     from resnet_flax.errors import WeightsError
-    from resnet_flax.hub import sha256_file
+    from resnet_flax.loading import check_arch, default_output, describe, read_checkpoint, save_converted
+    from resnet_flax.reader import detect_format, weights_file
 
     src: Path = args.src
-    if src.is_dir():  # a Hugging Face / timm hub folder (config.json + weights)
-        weights_file = next((src / n for n in core.HF_WEIGHT_FILES if (src / n).is_file()), None)
-        if weights_file is None:
-            raise WeightsError(f"{src}: a folder, not a file (and no {' or '.join(core.HF_WEIGHT_FILES)} in it); "
-                               "pass the path of a PyTorch checkpoint")
-    elif not src.is_file():
-        raise WeightsError(f"{src}: no such file; pass the path of a PyTorch checkpoint")
-    to_flax = src.is_dir() or detect_format(src) != "flax"
+    to_flax = src.is_dir() or detect_format(weights_file(src)) != "flax"  # a folder: a Hugging Face hub folder
     if not to_flax:
         require_torch("writing a PyTorch state dict")
     if args.verify:
         require_torch("--verify (it runs torchvision)")
-    out = args.out or core.default_output(src, to_flax)
+    out = args.out or default_output(src, to_flax)
     if out.resolve() == src.resolve():
         raise WeightsError(f"{out}: the output would overwrite the input; pass another --out")
     if any(parent.exists() and not parent.is_dir() for parent in out.parents):
@@ -107,27 +102,23 @@ def run(args: argparse.Namespace, dilation: tuple[bool, bool, bool] | None) -> i
     t0 = time.perf_counter()
     if not to_flax:
         model = resnet_flax.load(src)
-        core.check_arch(model.config, args.arch)
-        core.save_torch(model, out, exclusive=not args.overwrite)
-        print(f"found {core.describe(model.config)} in {src}")
+        check_arch(model.config, args.arch)
+        save_torch(model, out, exclusive=not args.overwrite)
+        print(f"found {describe(model.config)} in {src}")
         print(f"wrote PyTorch state dict {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
         return 0
 
-    ckpt = core.read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation,
-                                allow_nonfinite=args.allow_nonfinite, weights_set=args.weights_set)
+    ckpt = read_checkpoint(src, arch=args.arch, replace_stride_with_dilation=dilation,
+                           allow_nonfinite=args.allow_nonfinite, weights_set=args.weights_set, prefix=args.prefix)
     if args.verify:
-        core.require_reference(ckpt.config)
-    model = core.build_model(ckpt)
-    src_file = weights_file if src.is_dir() else src
-    info = dataclasses.replace(ckpt.info, source=str(src.resolve()), sha256=sha256_file(src_file))
-    meta = {"arch": ckpt.arch, **info.to_metadata()}
-    resnet_flax.save(model, out, extra_metadata=meta, exclusive=not args.overwrite)
+        require_reference(ckpt.config)  # before writing anything
+    model = save_converted(ckpt, src, out, exclusive=not args.overwrite)
     for note in ckpt.notes:
         print(f"note: {note}")
-    print(f"found {core.describe(ckpt.config)}, {ckpt.num_params / 1e6:.2f}M parameters, in {src}")
+    print(f"found {describe(ckpt.config)}, {ckpt.num_params / 1e6:.2f}M parameters, in {src}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s")
     if args.verify:
-        abs_err, rel_err = core.compare_outputs(ckpt, model, size=args.verify_size)
+        abs_err, rel_err = compare_outputs(ckpt, model, size=args.verify_size)
         ok = rel_err <= VERIFY_TOLERANCE
         print(f"verify ({args.verify_size}x{args.verify_size}, batch 2, eval mode): max abs diff {abs_err:.3g}, "
               f"max rel diff {rel_err:.3g} -> {'OK' if ok else 'MISMATCH'}")

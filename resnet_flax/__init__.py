@@ -1,19 +1,7 @@
-"""torchvision's ResNet family and timm's ResNet-D/T and SE variants as Flax NNX modules; imports no torch."""
+"""torchvision's ResNet family and timm's ResNet-D/T and SE variants as Flax NNX modules, with their weights
+read from any PyTorch checkpoint; imports no torch."""
 
-from resnet_flax.errors import WeightsError
-from resnet_flax.fuse import inference_fn
-from resnet_flax.io import flat_state, load, load_flat_state, save
-from resnet_flax.layers import COMPUTE_DTYPES, BatchNorm
-from resnet_flax.model import (
-    ARCHS,
-    BasicBlock,
-    Bottleneck,
-    ResNet,
-    ResNetConfig,
-    arch_config,
-    arch_name,
-    create_model,
-    list_models,
+from resnet_flax.architectures import (
     resnet10t,
     resnet14t,
     resnet18,
@@ -35,6 +23,13 @@ from resnet_flax.model import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from resnet_flax.errors import WeightsError
+from resnet_flax.fuse import inference_fn
+from resnet_flax.io import flat_state, load, load_flat_state, save
+from resnet_flax.layers import COMPUTE_DTYPES, BatchNorm
+from resnet_flax.loading import convert_file, load_model, load_with_info, read_checkpoint
+from resnet_flax.model import BasicBlock, Bottleneck, ResNet, ResNetConfig
+from resnet_flax.registry import ARCHS, arch_config, arch_name, create_model, list_models, register_model
 from resnet_flax.weights import (
     ResNet18_Weights,
     ResNet34_Weights,
@@ -74,6 +69,7 @@ __all__ = [
     "Wide_ResNet101_2_Weights",
     "arch_config",
     "arch_name",
+    "convert_file",
     "create_model",
     "flat_state",
     "get_weights",
@@ -81,6 +77,10 @@ __all__ = [
     "list_models",
     "load",
     "load_flat_state",
+    "load_model",
+    "load_with_info",
+    "read_checkpoint",
+    "register_model",
     "resnet10t",
     "resnet14t",
     "resnet18",

@@ -27,7 +27,7 @@ from flax import nnx
 
 from resnet_flax.conv import CPU_EVAL_OPTIONS, conv2d, cpu_compiler_options
 from resnet_flax.layers import BatchNorm, Dtype
-from resnet_flax.model import BasicBlock, Bottleneck, ResNet, ResNetConfig
+from resnet_flax.model import BasicBlock, Bottleneck, ResNet
 
 FoldedParams = dict[str, Any]
 ApplyFn = Callable[[FoldedParams, jax.Array], jax.Array]
@@ -99,19 +99,13 @@ def _fold_block(block: BasicBlock | Bottleneck) -> tuple[dict[str, Any], BlockPl
     return params, BlockPlan(convs=tuple(s for _, s in folded), downsample=downsample)
 
 
-def unfoldable_options(config: ResNetConfig) -> list[str]:
-    """The timm options of ``config`` that :func:`fold_batchnorm` does not fold (empty: it folds the model)."""
-    c = config
-    return [name for name, on in (("deep stem", c.stem_type), ("avg_down", c.avg_down), ("se", c.se)) if on]
-
-
 def fold_batchnorm(model: ResNet) -> tuple[ApplyFn, FoldedParams]:
     """``(apply_fn, params)`` computing ``model``'s eval-mode logits with BatchNorm folded into the convs.
 
     ``apply_fn(params, x)`` takes NHWC images like ``model(x)`` and returns float32 logits; jit it yourself.
     The model is read, never modified; its running statistics are what get folded in.
     """
-    timm_options = unfoldable_options(model.config)
+    timm_options = model.config.timm_options
     if timm_options:
         raise ValueError(f"fold_batchnorm does not fold timm's {', '.join(timm_options)}; run the model itself")
     stem_params, stem_spec = fold_conv_bn(model.conv1, model.bn1)
@@ -165,7 +159,7 @@ def inference_fn(model: ResNet) -> Callable[[jax.Array], jax.Array]:
     images like ``model(x)``, returns float32 logits equal to ``model.eval()(x)`` to float32 rounding.
     """
     options = cpu_compiler_options(CPU_EVAL_OPTIONS)
-    if unfoldable_options(model.config) or model.fc is None:  # not foldable: the eval-mode model itself
+    if model.config.timm_options or model.fc is None:  # not foldable: the eval-mode model itself
         snapshot = nnx.clone(model)
         snapshot.eval()
         graphdef, state = nnx.split(snapshot)

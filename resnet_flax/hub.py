@@ -10,7 +10,6 @@ A second call reads the converted file only: no network, no torch.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import sys
@@ -25,12 +24,13 @@ from resnet_flax.atomic import atomic_write
 from resnet_flax.errors import WeightsError
 from resnet_flax.io import SUFFIX, load, read_metadata
 from resnet_flax.layers import Dtype
+from resnet_flax.loading import convert_file, load_model
 from resnet_flax.model import ResNet
+from resnet_flax.reader import CHECKPOINT_SUFFIXES, checkpoint_stem, sha256_file
 from resnet_flax.weights import WeightsInfo, get_weights, weights_info
 
 ENV_HOME = "RESNET_FLAX_HOME"
 CHUNK = 1 << 20
-FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".tar")  # a weights= string naming a file
 
 
 def cache_dir() -> Path:
@@ -46,14 +46,6 @@ def torch_hub_checkpoints() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(xdg, "torch")
     return Path(torch_home, "hub", "checkpoints").expanduser()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dst: Path, *, hash_prefix: str = "", progress: bool = True) -> str:
@@ -88,11 +80,11 @@ def pretrained_model(arch: str | None, weights: Any, *, num_classes: int | None 
                      replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
                      dtype: Dtype = jnp.float32, progress: bool = True) -> ResNet:
     """``arch`` with ``weights``: a registry name/enum/True, ``"hf-hub:org/name"``, ``"org/name"``, or a file."""
-    from resnet_flax.model import ARCHS
+    from resnet_flax.registry import ARCHS
 
     if isinstance(weights, os.PathLike) or (isinstance(weights, str) and (Path(weights).exists() or weights.endswith(
-            FILE_SUFFIXES))):
-        model = _load_file(Path(weights), arch, dtype, replace_stride_with_dilation)
+            CHECKPOINT_SUFFIXES))):
+        model = load_model(weights, arch=arch, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
     elif isinstance(weights, str) and (weights.startswith("hf-hub:") or weights.count("/") == 1):
         model = hf_hub_model(weights, arch=arch, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
     else:
@@ -109,9 +101,7 @@ def pretrained_model(arch: str | None, weights: Any, *, num_classes: int | None 
 
 def converted_path(name: str) -> Path:
     """Where the converted form of the download ``name`` (``resnet50-11ad3fa6.pth``) is cached."""
-    for suffix in (".pth", ".pt", ".safetensors", ".bin"):
-        name = name.removesuffix(suffix)
-    return cache_dir() / "converted" / (name + SUFFIX)
+    return cache_dir() / "converted" / (checkpoint_stem(name) + SUFFIX)
 
 
 def cached_weights(w, *, progress: bool = True) -> Path:
@@ -130,13 +120,7 @@ def cached_weights(w, *, progress: bool = True) -> Path:
                 f"cannot download {w.url} ({reason}) and nothing is cached at {out}; fetch that file elsewhere and "
                 f"run `python -m convert {w.filename} --out {out}` (or put it in {dst.parent})") from None
         src, ours = dst, True
-    from convert.core import build_model, read_checkpoint
-
-    ckpt = read_checkpoint(src, arch=w.arch)
-    meta = {"arch": ckpt.arch, **weights_info(w, digest).to_metadata()}
-    from resnet_flax.io import save
-
-    save(build_model(ckpt), out, extra_metadata=meta)
+    convert_file(src, out, arch=w.arch, info=weights_info(w, digest))
     if ours:
         src.unlink(missing_ok=True)
     return out
@@ -152,12 +136,6 @@ def _find_download(w) -> tuple[Path | None, str | None, bool]:
                 return path, digest, ours
             print(f"warning: ignoring {path}: its sha256 does not match {w.hash_prefix!r}", file=sys.stderr)
     return None, None, False
-
-
-def _load_file(path: Path, arch: str | None, dtype: Dtype, dilation: tuple[bool, bool, bool]) -> ResNet:
-    from convert.core import load_model
-
-    return load_model(path, arch=arch, dtype=dtype, replace_stride_with_dilation=dilation)
 
 
 def hf_hub_model(name: str, *, arch: str | None = None, dtype: Dtype = jnp.float32,
@@ -193,7 +171,7 @@ def hf_hub_model(name: str, *, arch: str | None = None, dtype: Dtype = jnp.float
                 if isinstance(missing, LocalEntryNotFoundError):
                     raise missing
                 raise WeightsError(f"{name}: the repository has neither model.safetensors nor pytorch_model.bin")
-            _convert_hub_file(src, out, name, arch)
+            convert_file(src, out, arch=arch, info=WeightsInfo(source=f"hf-hub:{name.removeprefix('hf-hub:')}"))
     except LocalEntryNotFoundError:
         raise WeightsError(f"{name}: not in the Hugging Face cache and the Hub cannot be reached (offline: "
                            "HF_HUB_OFFLINE or no network); run once online or copy the cache folder") from None
@@ -203,17 +181,7 @@ def hf_hub_model(name: str, *, arch: str | None = None, dtype: Dtype = jnp.float
     except HfHubHTTPError as e:
         raise WeightsError(f"{name}: the Hugging Face Hub refused ({str(e).splitlines()[0]}); check the name "
                            "(and HF_TOKEN for private repositories)") from None
-    return _load_file(out, arch, dtype, replace_stride_with_dilation)
-
-
-def _convert_hub_file(src: Path, out: Path, name: str, arch: str | None) -> None:
-    from convert.core import build_model, read_checkpoint
-    from resnet_flax.io import save
-
-    ckpt = read_checkpoint(src, arch=arch)
-    info = dataclasses.replace(ckpt.info, source=f"hf-hub:{name.removeprefix('hf-hub:')}",
-                               sha256=ckpt.info.sha256 or sha256_file(src))
-    save(build_model(ckpt), out, extra_metadata={"arch": ckpt.arch, **info.to_metadata()})
+    return load_model(out, arch=arch, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
 
 
 def file_info(path: str | os.PathLike) -> WeightsInfo:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -210,6 +209,12 @@ class ResNetConfig:
         return (64,)
 
     @property
+    def timm_options(self) -> list[str]:
+        """The timm options this structure uses (deep stem, avg-pool shortcuts, SE); empty: torchvision's own."""
+        return [name for name, on in (("deep stem", self.stem_type), ("avg_down", self.avg_down), ("se", self.se))
+                if on]
+
+    @property
     def num_features(self) -> int:
         """Width of the pooled feature vector (the input of ``fc``)."""
         return 512 * BLOCKS[self.block].expansion
@@ -327,120 +332,3 @@ class ResNet(nnx.Module):
         ``mask`` ([batch], 1 = real example) keeps masked-out examples out of train-mode BatchNorm statistics.
         """
         return self.forward_head(self.forward_features(x, mask))
-
-
-_D = {"stem_type": "deep", "stem_width": 32, "avg_down": True}  # timm's ResNet-D
-_T = {"stem_type": "deep_tiered", "stem_width": 32, "avg_down": True}  # timm's ResNet-T
-
-# name -> structure (1000 classes, 3 input channels, no dilation): torchvision's factories, then timm's.
-ARCHS: dict[str, ResNetConfig] = {
-    "resnet18": ResNetConfig("basic", (2, 2, 2, 2)),
-    "resnet34": ResNetConfig("basic", (3, 4, 6, 3)),
-    "resnet50": ResNetConfig("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ResNetConfig("bottleneck", (3, 4, 23, 3)),
-    "resnet152": ResNetConfig("bottleneck", (3, 8, 36, 3)),
-    "resnext50_32x4d": ResNetConfig("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4),
-    "resnext101_32x8d": ResNetConfig("bottleneck", (3, 4, 23, 3), groups=32, width_per_group=8),
-    "resnext101_64x4d": ResNetConfig("bottleneck", (3, 4, 23, 3), groups=64, width_per_group=4),
-    "wide_resnet50_2": ResNetConfig("bottleneck", (3, 4, 6, 3), width_per_group=128),
-    "wide_resnet101_2": ResNetConfig("bottleneck", (3, 4, 23, 3), width_per_group=128),
-    "resnet18d": ResNetConfig("basic", (2, 2, 2, 2), **_D),
-    "resnet26d": ResNetConfig("bottleneck", (2, 2, 2, 2), **_D),
-    "resnet34d": ResNetConfig("basic", (3, 4, 6, 3), **_D),
-    "resnet50d": ResNetConfig("bottleneck", (3, 4, 6, 3), **_D),
-    "resnet101d": ResNetConfig("bottleneck", (3, 4, 23, 3), **_D),
-    "resnet152d": ResNetConfig("bottleneck", (3, 8, 36, 3), **_D),
-    "resnet10t": ResNetConfig("basic", (1, 1, 1, 1), **_T),
-    "resnet14t": ResNetConfig("bottleneck", (1, 1, 1, 1), **_T),
-    "seresnet50": ResNetConfig("bottleneck", (3, 4, 6, 3), se=True),
-    "seresnext50_32x4d": ResNetConfig("bottleneck", (3, 4, 6, 3), groups=32, width_per_group=4, se=True),
-}
-TIMM_ARCHS = ("resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d", "resnet10t",
-              "resnet14t", "seresnet50", "seresnext50_32x4d")
-
-
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return list(ARCHS)
-
-
-def arch_config(name: str, *, num_classes: int = 1000,
-                replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
-                in_channels: int = 3) -> ResNetConfig:
-    """The :class:`ResNetConfig` of an architecture name (torchvision's or timm's)."""
-    if name not in ARCHS:
-        raise ValueError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}")
-    return dataclasses.replace(ARCHS[name], num_classes=num_classes, in_channels=in_channels,
-                               replace_stride_with_dilation=replace_stride_with_dilation)
-
-
-def structure(config: ResNetConfig) -> ResNetConfig:
-    """``config`` without what a name leaves open (head size, input channels, dilation)."""
-    return dataclasses.replace(config, num_classes=1000, in_channels=3,
-                               replace_stride_with_dilation=(False, False, False))
-
-
-def arch_name(config: ResNetConfig) -> str | None:
-    """The name whose structure ``config`` has (any head size), or None for a custom one."""
-    want = structure(config)
-    return next((name for name, c in ARCHS.items() if c == want), None)
-
-
-def create_model(name: str | None, *, weights: Any = None, pretrained: bool = False, progress: bool = True,
-                 num_classes: int | None = None, zero_init_residual: bool = False,
-                 replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
-                 in_channels: int = 3, dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
-                 seed: int = 0) -> ResNet:
-    """Build a model by name, e.g. ``create_model("resnet50", num_classes=10)`` or ``create_model("resnet50d")``.
-
-    ``weights`` loads pretrained weights like torchvision (``"IMAGENET1K_V2"``, ``"DEFAULT"``,
-    ``ResNet50_Weights.IMAGENET1K_V2``; ``pretrained=True`` is V1), from the Hugging Face Hub
-    (``"hf-hub:timm/resnet50.a1_in1k"``, ``"microsoft/resnet-50"``) or from a file; see :mod:`resnet_flax.hub`.
-    A pretrained model comes in eval mode."""
-    if name is not None and name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
-        name, weights = None, name
-    if weights is not None or pretrained:
-        from resnet_flax.hub import pretrained_model
-
-        if zero_init_residual or rngs is not None or in_channels != 3:
-            raise ValueError("zero_init_residual, rngs and in_channels shape a fresh model; "
-                             "they do not apply with weights=")
-        return pretrained_model(name, weights if weights is not None else True, num_classes=num_classes,
-                                replace_stride_with_dilation=replace_stride_with_dilation, dtype=dtype,
-                                progress=progress)
-    config = arch_config(name, num_classes=1000 if num_classes is None else num_classes, in_channels=in_channels,
-                         replace_stride_with_dilation=replace_stride_with_dilation)
-    return ResNet(config, zero_init_residual=zero_init_residual, dtype=dtype,
-                  rngs=rngs if rngs is not None else nnx.Rngs(seed))
-
-
-def _factory(name: str) -> Callable[..., ResNet]:
-    def make(**kwargs: Any) -> ResNet:
-        return create_model(name, **kwargs)
-
-    make.__name__ = make.__qualname__ = name
-    source = "timm" if name in TIMM_ARCHS else "torchvision"
-    make.__doc__ = f"{source}'s ``{name}``; keyword arguments as :func:`create_model`."
-    return make
-
-
-resnet18 = _factory("resnet18")
-resnet34 = _factory("resnet34")
-resnet50 = _factory("resnet50")
-resnet101 = _factory("resnet101")
-resnet152 = _factory("resnet152")
-resnext50_32x4d = _factory("resnext50_32x4d")
-resnext101_32x8d = _factory("resnext101_32x8d")
-resnext101_64x4d = _factory("resnext101_64x4d")
-wide_resnet50_2 = _factory("wide_resnet50_2")
-wide_resnet101_2 = _factory("wide_resnet101_2")
-resnet18d = _factory("resnet18d")
-resnet26d = _factory("resnet26d")
-resnet34d = _factory("resnet34d")
-resnet50d = _factory("resnet50d")
-resnet101d = _factory("resnet101d")
-resnet152d = _factory("resnet152d")
-resnet10t = _factory("resnet10t")
-resnet14t = _factory("resnet14t")
-seresnet50 = _factory("seresnet50")
-seresnext50_32x4d = _factory("seresnext50_32x4d")

@@ -30,10 +30,10 @@ def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False,
     import torch
     import torchvision
 
-    from resnet_flax.model import TIMM_ARCHS
+    from resnet_flax.registry import list_models
 
     torch.manual_seed(seed)
-    if name in TIMM_ARCHS:
+    if name in list_models("timm"):
         import timm
 
         model = timm.create_model(name, **kwargs)

@@ -17,7 +17,7 @@ from conftest import nchw_to_nhwc, rel_err
 import convert
 import resnet_flax
 from convert.__main__ import main as cli
-from resnet_flax.model import TIMM_ARCHS
+from resnet_flax.registry import list_models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_round_trip_is_exact(tmp_path, capsys, r18):
 
 def test_load_without_torch(tmp_path, r18):
     torch.save(r18.state_dict(), tmp_path / "a.pth")
-    convert.core.resnet_flax.save(convert.load_model(tmp_path / "a.pth"), tmp_path / "a.flax.safetensors")
+    resnet_flax.save(convert.load_model(tmp_path / "a.pth"), tmp_path / "a.flax.safetensors")
     code = ("import sys; sys.modules['torch'] = None; import resnet_flax, numpy as np;"
             "m = resnet_flax.load(sys.argv[1]); print(m(np.zeros((1, 64, 64, 3), np.float32)).shape);"
             "assert 'torchvision' not in sys.modules")
@@ -352,14 +352,14 @@ def test_real_read_only_folder_and_unreadable_source(tmp_path, capsys, r18):
 
 
 def test_unreadable_source_one_line(tmp_path, capsys, r18, monkeypatch):
-    import convert.reader
+    import resnet_flax.reader
 
     torch.save(r18.state_dict(), tmp_path / "a.pth")
 
     def denied(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(convert.reader, "open", denied, raising=False)
+    monkeypatch.setattr(resnet_flax.reader, "open", denied, raising=False)
     code, _, err = run_cli(capsys, tmp_path / "a.pth")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err and "Permission denied" in err
     monkeypatch.undo()
@@ -432,7 +432,7 @@ def small_timm(**kwargs):
     return tr.ResNet(tr.BasicBlock, [1, 1, 1, 1], **args).eval()
 
 
-@pytest.mark.parametrize("name", TIMM_ARCHS)
+@pytest.mark.parametrize("name", list_models("timm"))
 def test_timm_checkpoint_converts_with_no_flags(tmp_path, capsys, name):
     import timm
 
@@ -519,9 +519,8 @@ def test_timm_checkpoints_that_cannot_be_mapped_are_named(tmp_path, capsys):
 @pytest.mark.parametrize("first_byte", [0x80, 0x28])  # header lengths are padded to 8: '}' and ']' cannot occur
 def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path, first_byte):
     """A safetensors header length whose low byte is a pickle opcode (0x80 PROTO, '(' MARK) is still safetensors."""
+    from resnet_flax.reader import detect_format
     from safetensors.numpy import save_file
-
-    from convert.reader import detect_format
 
     path = tmp_path / "x.safetensors"
     for pad in range(300):

@@ -14,7 +14,8 @@ from flax import nnx
 import resnet_flax
 from resnet_flax.io import abstract_model
 from resnet_flax.layers import BatchNorm
-from resnet_flax.model import TIMM_ARCHS, AvgPoolShortcut, ResNetConfig, se_channels
+from resnet_flax.model import AvgPoolShortcut, ResNetConfig, se_channels
+from resnet_flax.registry import list_models
 
 
 def n_params(model) -> int:
@@ -24,7 +25,7 @@ def n_params(model) -> int:
 @pytest.mark.parametrize("name", resnet_flax.list_models())
 def test_parameter_count_matches_torchvision_and_timm(name):
     with torch.device("meta"):
-        ref = timm.create_model(name) if name in TIMM_ARCHS else getattr(torchvision.models, name)()
+        ref = timm.create_model(name) if name in list_models("timm") else getattr(torchvision.models, name)()
     expected = sum(p.numel() for p in ref.parameters())
     assert n_params(abstract_model(resnet_flax.arch_config(name))) == expected
 
@@ -32,9 +33,9 @@ def test_parameter_count_matches_torchvision_and_timm(name):
 def test_factories_and_registry():
     assert resnet_flax.list_models() == [
         "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-        "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", *TIMM_ARCHS]
-    assert TIMM_ARCHS == ("resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d",
-                          "resnet10t", "resnet14t", "seresnet50", "seresnext50_32x4d")
+        "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2", *list_models("timm")]
+    assert list_models("timm") == ["resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d",
+                                     "resnet10t", "resnet14t", "seresnet50", "seresnext50_32x4d"]
     for name in resnet_flax.list_models():
         assert getattr(resnet_flax, name).__name__ == name and name in getattr(resnet_flax, name).__doc__
         assert resnet_flax.arch_name(resnet_flax.arch_config(name, num_classes=3)) == name

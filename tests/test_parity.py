@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import PARITY_ROWS, nchw_to_nhwc, rel_err, torch_model_with_bn_state, torch_stages
+from resnet_flax.mapping import flax_to_torch
 from flax import nnx
 
 import convert
 import resnet_flax
-from convert.mapping import flax_to_torch
-from resnet_flax.model import TIMM_ARCHS
+from resnet_flax.registry import list_models
 
 ALL_ARCHS = resnet_flax.list_models()  # torchvision's, then timm's (the reference model is timm's for those)
 EVAL_TOL = 1e-5
@@ -24,7 +24,7 @@ EVAL_TOL = 1e-5
 
 def _eval_input(name: str) -> torch.Tensor:
     """64x64; 64x48 for timm's, so the ceil-mode avg-pool shortcut meets an odd width (3, at layer4)."""
-    width = 48 if name in TIMM_ARCHS else 64
+    width = 48 if name in list_models("timm") else 64
     return torch.randn(2, 3, 64, width, generator=torch.Generator().manual_seed(1))
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torchvision
 
-from convert import torchfile
+from resnet_flax import torchfile
 from resnet_flax.errors import WeightsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,7 +315,7 @@ def test_crafted_benign_control_reads(tmp_path):
 
 RSS_PROBE = """
 import sys
-from convert import torchfile
+from resnet_flax import torchfile
 from resnet_flax.errors import WeightsError
 
 def status(field):

@@ -231,7 +231,7 @@ def test_weights_by_name_without_torch(env, r18_file):
 def test_predict_uses_what_the_file_records(tmp_path):
     from PIL import Image
 
-    from convert.core import variable_shapes
+    from resnet_flax.loading import variable_shapes
     from resnet_flax.io import abstract_model, load_flat_state
     from train.predict import load_predictor
     from train.transforms import eval_transform

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_flax.layers import COMPUTE_DTYPES
-from resnet_flax.model import ARCHS
+from resnet_flax.registry import ARCHS
 
 DEFAULT_ARCH = "resnet34"
 GROUPS = ("model", "data", "optimisation", "run", "tpu sizing")

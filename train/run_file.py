@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from resnet_flax.atomic import atomic_write
-from resnet_flax.model import ResNetConfig, arch_name
+from resnet_flax.model import ResNetConfig
+from resnet_flax.registry import arch_name
 from train.config import TrainConfig
 from train.errors import RunError
 

@@ -1,28 +1,29 @@
-"""The conversion API: PyTorch file or state dict -> Flax model, Flax model -> PyTorch state dict."""
+"""Any ResNet checkpoint to a Flax model, torch-free: read, find the ResNet, map names and layouts, build.
+
+:func:`load_model` is the one call; :func:`convert_file` writes the converted file (the command line, the hub
+cache and ``python -m convert`` all go through it).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+import os
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import resnet_flax
-from convert.mapping import flax_to_torch, infer_config, normalize_state_dict, torch_order, torch_to_flax
-from convert.reader import detect_format, read_source
-from resnet_flax.atomic import atomic_write
+from resnet_flax import formats
 from resnet_flax.errors import WeightsError
-from resnet_flax.io import abstract_model, flat_state, load_flat_state
+from resnet_flax.io import SUFFIX, abstract_model, header_config, load, load_flat_state, read_metadata, save
 from resnet_flax.layers import Dtype
-from resnet_flax.model import ARCHS, ResNet, ResNetConfig, arch_config, arch_name, structure
+from resnet_flax.mapping import infer_config, normalize_state_dict, torch_to_flax
+from resnet_flax.model import ResNet, ResNetConfig
+from resnet_flax.reader import checkpoint_stem, detect_format, read_source, sha256_file, weights_file
+from resnet_flax.registry import ARCHS, arch_config, arch_name, structure
 from resnet_flax.weights import EvalTransform, WeightsInfo
-
-FLAX_SUFFIX = resnet_flax.io.SUFFIX
 
 
 @dataclasses.dataclass
@@ -72,42 +73,36 @@ def variable_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
 
 
 def from_state_dict(sd: dict[str, Any], *, arch: str | None = None,
-                    replace_stride_with_dilation: tuple[bool, bool, bool] | None = None) -> Checkpoint:
+                    replace_stride_with_dilation: tuple[bool, bool, bool] | None = None,
+                    prefix: str | None = None) -> Checkpoint:
     """Map a PyTorch ResNet state dict (tensors or arrays, any common spelling) to Flax arrays.
 
     A state dict without ``fc`` (timm ``num_classes=0``, a segmentation backbone) gives a headless model
     (``num_classes=0``: features and stages only)."""
     sd = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)).copy() for k, v in sd.items()}
-    sd = normalize_state_dict(sd)
+    sd = normalize_state_dict(sd, prefix)
     config = dataclasses.replace(infer_config(sd), replace_stride_with_dilation=tuple(
         replace_stride_with_dilation or (False, False, False)))
     check_arch(config, arch)
     return Checkpoint(config, torch_to_flax(sd, variable_shapes(config)), sd)
 
 
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SEGMENTATION_DILATION = (False, True, True)  # torchvision's FCN / DeepLabV3 backbones
 
 
 def read_checkpoint(path: str | Path, *, arch: str | None = None,
                     replace_stride_with_dilation: tuple[bool, bool, bool] | None = None,
-                    allow_nonfinite: bool = False, weights_set: str = "auto") -> Checkpoint:
+                    allow_nonfinite: bool = False, weights_set: str = "auto", prefix: str | None = None
+                    ) -> Checkpoint:
     """Read a ResNet checkpoint and map it to Flax: .pth/.pt (torch.save), TorchScript, .safetensors, a timm
     training checkpoint (``weights_set``: "auto" takes EMA weights when present, as timm does; "ema"; "model"),
-    a Hugging Face transformers or timm hub folder (``config.json`` beside the weights), a segmentation model
-    (its ``backbone.``; dilation 0,1,1 unless given).
+    a Hugging Face transformers or timm hub folder (``config.json`` beside the weights), a ResNet inside a bigger
+    model (found by structure: ``backbone.``, ``encoder.``; ``prefix`` picks one when several qualify), a
+    torchvision segmentation model (dilation 0,1,1 unless given).
 
     No torch needed; NaN/inf tensors are refused unless ``allow_nonfinite``. ``Checkpoint.notes`` says which
     choices were made, ``Checkpoint.info`` what the files say about classes and preprocessing."""
-    from convert import formats
-
-    path = Path(path)
-    if path.is_dir():
-        found = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
-        if found is None:
-            raise WeightsError(f"{path}: a folder, not a file (and no {' or '.join(HF_WEIGHT_FILES)} in it); "
-                               "pass a checkpoint file")
-        path = found
+    path = weights_file(path)
     sd, info, notes = read_source(path, weights_set=weights_set, allow_nonfinite=allow_nonfinite)
     config_json = formats.read_json_beside(path, "config.json")
     if formats.is_transformers_resnet(sd):
@@ -120,7 +115,7 @@ def read_checkpoint(path: str | Path, *, arch: str | None = None,
         notes.append("read a Hugging Face transformers ResNet (config.json checked: ResNet v1.5, relu)")
     elif config_json is not None and "pretrained_cfg" in config_json:
         info = _merge(info, formats.timm_info(config_json))
-    sd, left_out, segmentation = formats.split_backbone(sd)
+    sd, left_out, segmentation = formats.split_backbone(sd, prefix)
     notes += left_out
     if segmentation and replace_stride_with_dilation is None:
         replace_stride_with_dilation = SEGMENTATION_DILATION
@@ -154,7 +149,7 @@ def load_model(path: str | Path, *, arch: str | None = None, dtype: Dtype = jnp.
     :func:`read_checkpoint`) or a converted ``.flax.safetensors`` file. The model is in eval mode."""
     path = Path(path)
     if path.is_file() and detect_format(path) == "flax":
-        model = resnet_flax.load(path, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
+        model = load(path, dtype=dtype, replace_stride_with_dilation=replace_stride_with_dilation)
         check_arch(model.config, arch)
         return model
     return build_model(read_checkpoint(path, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation),
@@ -166,7 +161,7 @@ def load_with_info(path: str | Path, *, arch: str | None = None, dtype: Dtype = 
     """:func:`load_model` plus what the file says about its classes, evaluation transform and source."""
     path = Path(path)
     if path.is_file() and detect_format(path) == "flax":
-        return load_model(path, arch=arch, dtype=dtype), WeightsInfo.from_metadata(resnet_flax.io.read_metadata(path))
+        return load_model(path, arch=arch, dtype=dtype), WeightsInfo.from_metadata(read_metadata(path))
     ckpt = read_checkpoint(path, arch=arch)
     return build_model(ckpt, dtype), ckpt.info
 
@@ -176,128 +171,45 @@ def eval_settings(path: str | Path, num_classes: int | None = None) -> tuple[lis
     1000 classes and torchvision's resize 256 / crop 224 (used by ``train.predict`` and ``--eval-only``)."""
     path = Path(path)
     if path.is_file() and detect_format(path) == "flax":
-        meta = resnet_flax.io.read_metadata(path)
-        info, n = WeightsInfo.from_metadata(meta), resnet_flax.io.header_config(meta, 1 << 30, path).num_classes
+        meta = read_metadata(path)
+        info, n = WeightsInfo.from_metadata(meta), header_config(meta, 1 << 30, path).num_classes
     else:
         ckpt = read_checkpoint(path)
         info, n = ckpt.info, ckpt.config.num_classes
     return info.eval_settings(n if num_classes is None else num_classes)
 
 
-def to_torch_state_dict(model: ResNet) -> OrderedDict[str, Any]:
-    """The model's weights as a PyTorch state dict with torchvision's (timm's, for its options) names and order
-    (``load_state_dict(sd, strict=True)`` accepts it)."""
-    import torch
-
-    arrays = flax_to_torch(flat_state(model))
-    sd = OrderedDict()
-    for k in torch_order(arrays):
-        t = torch.from_numpy(np.array(arrays[k], order="C"))
-        sd[k] = t.to(torch.int64) if k.endswith("num_batches_tracked") else t.to(torch.float32)
-    return sd
+def convert_file(src: str | os.PathLike, out: str | os.PathLike, *, arch: str | None = None,
+                 replace_stride_with_dilation: tuple[bool, bool, bool] | None = None, allow_nonfinite: bool = False,
+                 weights_set: str = "auto", prefix: str | None = None, info: WeightsInfo | None = None,
+                 exclusive: bool = False) -> tuple[Checkpoint, ResNet]:
+    """Read the checkpoint ``src`` (:func:`read_checkpoint`) and save its model to ``out`` (:func:`save_converted`)."""
+    ckpt = read_checkpoint(src, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation,
+                           allow_nonfinite=allow_nonfinite, weights_set=weights_set, prefix=prefix)
+    return ckpt, save_converted(ckpt, src, out, info=info, exclusive=exclusive)
 
 
-def torchvision_model(config: ResNetConfig):
-    """An untrained torchvision model of ``config``'s structure (for verification)."""
-    import torch
-    from torchvision.models import resnet as tvr
+def save_converted(ckpt: Checkpoint, src: str | os.PathLike, out: str | os.PathLike, *,
+                   info: WeightsInfo | None = None, exclusive: bool = False) -> ResNet:
+    """Build ``ckpt``'s model and save it to ``out`` with what is known of the weights; returns the model.
 
-    block = tvr.BasicBlock if config.block == "basic" else tvr.Bottleneck
-    model = tvr.ResNet(block, list(config.layers), num_classes=config.num_classes, groups=config.groups,
-                       width_per_group=config.width_per_group,
-                       replace_stride_with_dilation=list(config.replace_stride_with_dilation))
-    if config.num_classes == 0:
-        model.fc = torch.nn.Identity()  # headless: the pooled features, as timm's num_classes=0
-    if config.in_channels != 3:
-        model.conv1 = torch.nn.Conv2d(config.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    ``info`` adds to (and overrides) what the file itself records; the source and its sha256 default to
+    ``src``'s own (written atomically; never replacing ``out`` if ``exclusive``)."""
+    model = build_model(ckpt)
+    given = {f.name: getattr(info, f.name) for f in dataclasses.fields(WeightsInfo)
+             if info is not None and getattr(info, f.name) is not None}
+    ckpt.info = dataclasses.replace(ckpt.info, **given)
+    if ckpt.info.source is None:
+        ckpt.info.source = str(Path(src).resolve())
+    if ckpt.info.sha256 is None:
+        ckpt.info.sha256 = sha256_file(weights_file(src))
+    save(model, out, extra_metadata={"arch": ckpt.arch, **ckpt.info.to_metadata()}, exclusive=exclusive)
     return model
-
-
-def is_timm_variant(config: ResNetConfig) -> bool:
-    """True if ``config`` uses a timm option (deep stem, avg-pool shortcuts, SE): torchvision cannot run it."""
-    return bool(config.stem_type or config.avg_down or config.se)
-
-
-_TIMM_OUTPUT_STRIDE = {(False, False, False): 32, (False, False, True): 16, (False, True, True): 8}
-
-
-def require_reference(config: ResNetConfig) -> None:
-    """Raise one line if the PyTorch model that ``config`` reproduces cannot be built here (timm missing)."""
-    if not is_timm_variant(config):
-        return
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        raise WeightsError(f"checking a {describe(config)} runs timm, which is not installed; "
-                           "pip install timm") from None
-    if config.replace_stride_with_dilation not in _TIMM_OUTPUT_STRIDE:
-        raise WeightsError(f"timm cannot dilate layer2..4 as {config.replace_stride_with_dilation} "
-                           "(only 0,0,1 and 0,1,1); drop --verify")
-
-
-def timm_model(config: ResNetConfig):
-    """An untrained timm ResNet of ``config``'s structure (for verifying its deep stem, avg_down and SE options)."""
-    require_reference(config)
-    from timm.models import resnet as tr
-
-    return tr.ResNet(tr.BasicBlock if config.block == "basic" else tr.Bottleneck, list(config.layers),
-                     num_classes=config.num_classes, in_chans=config.in_channels,
-                     output_stride=_TIMM_OUTPUT_STRIDE[config.replace_stride_with_dilation],
-                     cardinality=config.groups, base_width=config.width_per_group, stem_type=config.stem_type,
-                     stem_width=config.stem_width, avg_down=config.avg_down,
-                     block_args={"attn_layer": "se"} if config.se else None)
-
-
-def reference_model(config: ResNetConfig):
-    """The PyTorch model ``config`` reproduces: torchvision's, or timm's when a timm option is set."""
-    return timm_model(config) if is_timm_variant(config) else torchvision_model(config)
-
-
-def compare_outputs(ckpt: Checkpoint, model: ResNet, *, size: int = 224, batch: int = 2,
-                    seed: int = 0) -> tuple[float, float]:
-    """Run torchvision or timm (with the original tensors) and the Flax model on one random batch, in eval mode.
-
-    Returns (max |diff|, max |diff| / max |torch logits|) of the logits, at full float32 precision.
-    """
-    import torch
-
-    tmodel = reference_model(ckpt.config)
-    tsd = {k: torch.from_numpy(np.array(v)) for k, v in ckpt.torch_state.items()}
-    result = tmodel.load_state_dict(tsd, strict=False)
-    leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")] + result.unexpected_keys
-    if leftover:
-        raise WeightsError(f"the PyTorch model rejected keys: {leftover[:5]}")
-    tmodel.eval()
-    x = np.random.default_rng(seed).standard_normal((batch, ckpt.config.in_channels, size, size), np.float32)
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full float32 on GPUs
-    try:
-        with torch.no_grad():
-            ref = tmodel(torch.from_numpy(x)).numpy()
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    with jax.default_matmul_precision("highest"):
-        out = np.asarray(model(jnp.asarray(x.transpose(0, 2, 3, 1))))
-    diff = float(np.max(np.abs(out - ref)))
-    return diff, diff / float(np.max(np.abs(ref)))
 
 
 def default_output(src: Path, to_flax: bool) -> Path:
     """``resnet18.pth`` -> ``resnet18.flax.safetensors``; ``x.flax.safetensors`` -> ``x.pth``."""
-    name = src.name
     if to_flax:
-        for suffix in (".pth.tar", ".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar"):
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        return src.with_name(name + FLAX_SUFFIX)
-    name = name[: -len(FLAX_SUFFIX)] if name.endswith(FLAX_SUFFIX) else src.stem
+        return src.with_name(checkpoint_stem(src.name) + SUFFIX)
+    name = src.name[: -len(SUFFIX)] if src.name.endswith(SUFFIX) else src.stem
     return src.with_name(name + ".pth")
-
-
-def save_torch(model: ResNet, path: str | Path, *, exclusive: bool = False) -> Path:
-    """Write ``model`` as a torchvision state dict with torch.save (atomically; never replacing if ``exclusive``)."""
-    import torch
-
-    sd = to_torch_state_dict(model)
-    return atomic_write(path, lambda tmp: torch.save(sd, tmp), exclusive=exclusive)

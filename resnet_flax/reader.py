@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from convert import torchfile
+from resnet_flax import torchfile
 from resnet_flax.errors import WeightsError, first_line
 from resnet_flax.io import is_converted_file
 from resnet_flax.weights import WeightsInfo
 
 # Keys under which training scripts commonly nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+# The names PyTorch checkpoints go by, longest first (``x.pth.tar`` before ``x.tar``).
+CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".tar")
+# The weights of a Hugging Face (transformers or timm) hub folder, beside its config.json, in order of preference.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-TORCH_EXTRA = "pip install 'resnet-flax[torch]'"
+def checkpoint_stem(name: str) -> str:
+    """``resnet50-11ad3fa6.pth`` -> ``resnet50-11ad3fa6``: the file name without its checkpoint suffix."""
+    return next((name[: -len(s)] for s in CHECKPOINT_SUFFIXES if name.endswith(s)), name)
 
 
-def require_torch(purpose: str):
-    """Import torch, or raise one line naming the ``[torch]`` extra (only --verify and writing .pth need it)."""
-    try:
-        import torch
-    except ImportError:
-        raise WeightsError(f"{purpose} needs PyTorch, which is not installed; {TORCH_EXTRA}") from None
-    return torch
+def weights_file(path: str | Path) -> Path:
+    """``path`` itself, or the weights file of the Hugging Face hub folder ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.is_file():
+            raise WeightsError(f"{path}: no such file; pass the path of a PyTorch checkpoint")
+        return path
+    found = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
+    if found is None:
+        raise WeightsError(f"{path}: a folder, not a file (and no {' or '.join(HF_WEIGHT_FILES)} in it); "
+                           "pass the path of a PyTorch checkpoint")
+    return found
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256 as hex, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def detect_format(path: Path) -> str:
@@ -62,7 +84,7 @@ def detect_format(path: Path) -> str:
 def read_torch_file(path: str | Path, *, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
     """The tensors of a torch.save file, a TorchScript archive or a .safetensors file, as float32 numpy.
 
-    Needs no torch: pickles are read by :mod:`convert.torchfile`, which builds tensors and plain containers and
+    Needs no torch: pickles are read by :mod:`resnet_flax.torchfile`, which builds tensors and plain containers and
     refuses anything else, so no file runs code. Non-finite tensors are refused unless ``allow_nonfinite``.
     """
     return read_source(path, allow_nonfinite=allow_nonfinite)[0]
@@ -72,7 +94,7 @@ def read_source(path: str | Path, *, weights_set: str = "auto", allow_nonfinite:
                 ) -> tuple[dict[str, np.ndarray], WeightsInfo, list[str]]:
     """Like :func:`read_torch_file`, plus what the checkpoint dict says (class names, mean/std, size) and notes
     on choices made: which weights set of a checkpoint holding model and EMA weights was taken."""
-    from convert.formats import checkpoint_info, select_weights_set
+    from resnet_flax.formats import checkpoint_info, select_weights_set
 
     path = Path(path)
     if not path.is_file():

@@ -46,19 +46,42 @@ def stem_prefixes(sd: dict[str, np.ndarray]) -> list[str]:
             if k.endswith(stem) and "layer" not in k and np.ndim(sd[k]) == 4]
 
 
-def normalize_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Torchvision spellings, with any wrapper prefix (``module.``, ``model.``, ``backbone.`` ...) removed.
+def resnet_prefixes(sd: dict[str, np.ndarray]) -> list[str]:
+    """The prefixes under which a complete ResNet lies: a stem conv and the first block of all four stages.
 
-    The prefix is whatever precedes the stem conv ``conv1.weight``; keys outside it are kept as-is so
+    A U-Net's decoder (``decoder.blocks.0.conv1.0.weight``) has a ``conv1`` too, but no ``layer1..4`` beside it."""
+    return sorted(p for p in set(stem_prefixes(sd))
+                  if all(f"{p}layer{i}.0.conv1.weight" in sd for i in range(1, 5)))
+
+
+def find_resnet(sd: dict[str, np.ndarray], prefix: str | None = None) -> str:
+    """The prefix of the one ResNet in ``sd`` (normalised keys), or ``prefix`` when the caller picks one."""
+    found = resnet_prefixes(sd)
+    if prefix is not None:
+        prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        if prefix not in found:
+            raise WeightsError(f"no complete ResNet under --prefix {prefix!r}; the file has one under: "
+                               f"{', '.join(repr(p) for p in found) or 'none'}")
+        return prefix
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise WeightsError(f"{len(found)} ResNets in one file, under {', '.join(repr(p) for p in found)}; "
+                           "pick one with --prefix")
+    stems = ", ".join(sorted(stem_prefixes(sd))) or "none"
+    raise WeightsError("not a ResNet state dict: expected a stem 'conv1.weight' (or deep stem 'conv1.0.weight') with "
+                       f"layer1..layer4 beside it (stems found under: {stems}); keys start with: "
+                       f"{preview_keys(sorted(sd), 3)}")
+
+
+def normalize_state_dict(sd: dict[str, np.ndarray], prefix: str | None = None) -> dict[str, np.ndarray]:
+    """Torchvision spellings, with the wrapper prefix (``module.``, ``model.``, ``backbone.`` ...) removed.
+
+    The prefix is the one a complete ResNet lies under (:func:`find_resnet`); keys outside it are kept as-is so
     that they are reported as unexpected rather than silently dropped.
     """
     sd = {normalize_key(k): v for k, v in sd.items()}
-    stems = stem_prefixes(sd)
-    if len(stems) != 1:
-        found = ", ".join(sorted(stems)) if stems else "none"
-        raise WeightsError("not a ResNet state dict: expected one stem 'conv1.weight' (or deep stem "
-                           f"'conv1.0.weight') key (found {found}); keys start with: {preview_keys(sorted(sd), 3)}")
-    prefix = stems[0]
+    prefix = find_resnet(sd, prefix)
     if not prefix:
         return sd
     return {(k.removeprefix(prefix)): v for k, v in sd.items()}

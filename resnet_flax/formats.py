@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.mapping import normalize_key, stem_prefixes
 from resnet_flax.errors import WeightsError
+from resnet_flax.mapping import find_resnet, normalize_key, resnet_prefixes
 from resnet_flax.weights import EvalTransform, WeightsInfo
 
 WEIGHTS_SETS = ("auto", "ema", "model")
@@ -118,14 +118,18 @@ def _names_from_mapping(m: dict) -> list[str] | None:
 
 # --- the part of a bigger model that is the ResNet -----------------------------------------------------------
 
-def split_backbone(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str], bool]:
-    """The tensors under the one prefix that holds a ResNet stem (``backbone.``), the rest named and left out.
+def split_backbone(sd: dict[str, np.ndarray], prefix: str | None = None
+                   ) -> tuple[dict[str, np.ndarray], list[str], bool]:
+    """The tensors under the prefix that holds a complete ResNet (``backbone.``, ``encoder.``; ``prefix`` picks
+    one when several do), the rest named and left out.
 
     Returns (kept state dict, notes, looks like a torchvision segmentation model)."""
-    stems = stem_prefixes({normalize_key(k): v for k, v in sd.items()})
-    if len(stems) != 1 or not stems[0]:
+    normalized = {normalize_key(k): v for k, v in sd.items()}
+    if prefix is None and len(resnet_prefixes(normalized)) != 1:
+        return sd, [], False  # none or several: normalize_state_dict names them in its error
+    prefix = find_resnet(normalized, prefix)
+    if not prefix:
         return sd, [], False
-    prefix = stems[0]
     kept = {k: v for k, v in sd.items() if normalize_key(k).startswith(prefix)}
     left = [k for k in sd if k not in kept]
     if not left:
