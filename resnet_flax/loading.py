@@ -186,16 +186,17 @@ def convert_file(src: str | os.PathLike, out: str | os.PathLike, *, arch: str | 
     """Read the checkpoint ``src`` (:func:`read_checkpoint`) and save its model to ``out`` (:func:`save_converted`)."""
     ckpt = read_checkpoint(src, arch=arch, replace_stride_with_dilation=replace_stride_with_dilation,
                            allow_nonfinite=allow_nonfinite, weights_set=weights_set, prefix=prefix)
-    return ckpt, save_converted(ckpt, src, out, info=info, exclusive=exclusive)
+    model = build_model(ckpt)
+    save_converted(ckpt, model, src, out, info=info, exclusive=exclusive)
+    return ckpt, model
 
 
-def save_converted(ckpt: Checkpoint, src: str | os.PathLike, out: str | os.PathLike, *,
-                   info: WeightsInfo | None = None, exclusive: bool = False) -> ResNet:
-    """Build ``ckpt``'s model and save it to ``out`` with what is known of the weights; returns the model.
+def save_converted(ckpt: Checkpoint, model: ResNet, src: str | os.PathLike, out: str | os.PathLike, *,
+                   info: WeightsInfo | None = None, exclusive: bool = False) -> None:
+    """Save ``ckpt``'s built ``model`` to ``out`` with what is known of the weights.
 
     ``info`` adds to (and overrides) what the file itself records; the source and its sha256 default to
     ``src``'s own (written atomically; never replacing ``out`` if ``exclusive``)."""
-    model = build_model(ckpt)
     given = {f.name: getattr(info, f.name) for f in dataclasses.fields(WeightsInfo)
              if info is not None and getattr(info, f.name) is not None}
     ckpt.info = dataclasses.replace(ckpt.info, **given)
@@ -204,7 +205,6 @@ def save_converted(ckpt: Checkpoint, src: str | os.PathLike, out: str | os.PathL
     if ckpt.info.sha256 is None:
         ckpt.info.sha256 = sha256_file(weights_file(src))
     save(model, out, extra_metadata={"arch": ckpt.arch, **ckpt.info.to_metadata()}, exclusive=exclusive)
-    return model
 
 
 def default_output(src: Path, to_flax: bool) -> Path:

@@ -338,17 +338,86 @@ def test_write_errors_one_line(tmp_path, capsys, r18, monkeypatch, err, after_by
     assert list(outdir.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_real_read_only_folder_and_unreadable_source(tmp_path, capsys, r18):
+def test_real_read_only_folder(tmp_path, r18):
+    """A read-only file system (a tmpfs mounted read-only in a mount namespace: root ignores file modes)."""
     torch.save(r18.state_dict(), tmp_path / "a.pth")
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    code, _, err = run_cli(capsys, tmp_path / "a.pth", "--out", ro / "a.flax.safetensors")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err
-    (tmp_path / "a.pth").chmod(0)
-    code, _, err = run_cli(capsys, tmp_path / "a.pth")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot read" in err
+    script = (f"mount -t tmpfs -o ro none {ro} && exec {sys.executable} -m convert {tmp_path / 'a.pth'} "
+              f"--out {ro / 'a.flax.safetensors'}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Read-only file system" in lines[0], proc.stderr
+    assert list(ro.iterdir()) == [] and files_in(tmp_path) == {"a.pth", "ro"}
+
+
+def test_verify_finds_a_mapping_error_and_writes_nothing(tmp_path, capsys, r18, monkeypatch):
+    """--verify compares for real: one wrongly mapped tensor (fc.bias off by 1) fails it, exit 1, no file."""
+    import resnet_flax.loading
+
+    torch.save(r18.state_dict(), tmp_path / "a.pth")
+    mapped = resnet_flax.loading.torch_to_flax
+
+    def off_by_one(sd, expected):
+        arrays = mapped(sd, expected)
+        return {**arrays, "fc.bias": arrays["fc.bias"] + 1}
+
+    monkeypatch.setattr(resnet_flax.loading, "torch_to_flax", off_by_one)
+    code, out, err = run_cli(capsys, tmp_path / "a.pth", "--verify", "--verify-size", "32")
+    assert code == 1 and "MISMATCH" in out and "nothing written" in err, (out, err)
+    assert files_in(tmp_path) == {"a.pth"}
+    monkeypatch.undo()
+    code, out, err = run_cli(capsys, tmp_path / "a.pth", "--verify", "--verify-size", "32")
+    assert code == 0 and "OK" in out and files_in(tmp_path) == {"a.pth", "a.flax.safetensors"}, (out, err)
+
+
+def _unet_state_dict(encoder) -> dict:
+    """segmentation_models_pytorch's ``Unet("resnet34")`` key layout: the encoder (no fc) under ``encoder.``,
+    decoder blocks whose Conv2dReLU convs are named ``conv1.0`` like a deep stem, and a segmentation head."""
+    sd = {f"encoder.{k}": v for k, v in encoder.state_dict().items() if not k.startswith("fc.")}
+    g = torch.Generator().manual_seed(2)
+    for i, (cin, cout) in enumerate([(768, 256), (384, 128), (192, 64), (128, 32), (32, 16)]):
+        for j, c_in in ((1, cin), (2, cout)):
+            sd[f"decoder.blocks.{i}.conv{j}.0.weight"] = torch.randn(cout, c_in, 3, 3, generator=g)
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                sd[f"decoder.blocks.{i}.conv{j}.1.{leaf}"] = torch.rand(cout, generator=g)
+            sd[f"decoder.blocks.{i}.conv{j}.1.num_batches_tracked"] = torch.tensor(1)
+    sd["segmentation_head.0.weight"] = torch.randn(1, 16, 3, 3, generator=g)
+    sd["segmentation_head.0.bias"] = torch.zeros(1)
+    return sd
+
+
+def test_resnet_found_by_structure_in_a_unet(tmp_path, capsys):
+    from conftest import torch_model_with_bn_state
+
+    encoder = torch_model_with_bn_state("resnet34")
+    torch.save(_unet_state_dict(encoder), tmp_path / "unet.pth")
+    code, out, err = run_cli(capsys, tmp_path / "unet.pth")
+    assert code == 0, err
+    assert "took the ResNet under 'encoder.'" in out and "decoder.blocks" in out and "segmentation_head" in out
+    model = resnet_flax.load(tmp_path / "unet.flax.safetensors")
+    assert resnet_flax.arch_name(model.config) == "resnet34" and model.config.num_classes == 0
+    encoder.fc = torch.nn.Identity()  # smp's encoder has no head: compare the pooled features
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = encoder(x).numpy()
+    assert rel_err(model(nchw_to_nhwc(x)), ref) <= 1e-5
+
+
+def test_several_resnets_need_prefix(tmp_path, capsys, r18, r18_logits):
+    torch.manual_seed(1)
+    student = torchvision.models.resnet18(num_classes=7).eval()
+    sd = {**{f"teacher.{k}": v for k, v in r18.state_dict().items()},
+          **{f"student.{k}": v for k, v in student.state_dict().items()}}
+    torch.save(sd, tmp_path / "distill.pth")
+    code, _, err = run_cli(capsys, tmp_path / "distill.pth")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "'student.', 'teacher.'" in lines[0] and "--prefix" in lines[0]
+    code, out, err = run_cli(capsys, tmp_path / "distill.pth", "--prefix", "teacher")
+    assert code == 0 and "took the ResNet under 'teacher.'" in out, err
+    assert_same_outputs(resnet_flax.load(tmp_path / "distill.flax.safetensors"), r18_logits)
+    code, _, err = run_cli(capsys, tmp_path / "distill.pth", "--prefix", "decoder.", "--overwrite")
+    assert code == 2 and "no complete ResNet under --prefix 'decoder.'" in err
 
 
 def test_unreadable_source_one_line(tmp_path, capsys, r18, monkeypatch):
@@ -519,8 +588,9 @@ def test_timm_checkpoints_that_cannot_be_mapped_are_named(tmp_path, capsys):
 @pytest.mark.parametrize("first_byte", [0x80, 0x28])  # header lengths are padded to 8: '}' and ']' cannot occur
 def test_safetensors_whose_header_length_looks_like_a_pickle(tmp_path, first_byte):
     """A safetensors header length whose low byte is a pickle opcode (0x80 PROTO, '(' MARK) is still safetensors."""
-    from resnet_flax.reader import detect_format
     from safetensors.numpy import save_file
+
+    from resnet_flax.reader import detect_format
 
     path = tmp_path / "x.safetensors"
     for pad in range(300):
