@@ -4,6 +4,9 @@ A restricted unpickler builds tensors (as numpy arrays over the archive's storag
 plain containers and a few inert values; every other global is refused. What a file declares (storage sizes,
 tensor extents, pickle lengths and memo indices) is checked against the file's real size before anything is
 allocated, so a small crafted file cannot take much memory.
+
+Length: one security boundary (the unpickler, its allow-list and the size checks it relies on) kept in one file
+so that it can be reviewed as a whole.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ def initial_model(cfg: TrainConfig, num_classes: int) -> ResNet:
     if cfg.init_from is None:
         return resnet_flax.create_model(cfg.resolved_arch, num_classes=num_classes, dtype=dtype,
                                         zero_init_residual=cfg.zero_init_residual, seed=cfg.seed)
-    import convert
+    from resnet_flax.loading import describe, load_model
 
-    model = convert.load_model(cfg.init_from, arch=cfg.arch, dtype=dtype)
-    log(f"loaded weights from {cfg.init_from}: {convert.describe(model.config)}")
+    model = load_model(cfg.init_from, arch=cfg.arch, dtype=dtype)
+    log(f"loaded weights from {cfg.init_from}: {describe(model.config)}")
     if model.config.num_classes != num_classes:
         log(f"re-initialised the head (fc): the checkpoint has {model.config.num_classes} classes, "
             f"the data has {num_classes}")

@@ -57,9 +57,9 @@ def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int | EvalTrans
         if not (checkpoint / RUN_FILE).exists():
             raise CheckpointError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
-    import convert
+    from resnet_flax.loading import load_with_info
 
-    model, info = convert.load_with_info(checkpoint)
+    model, info = load_with_info(checkpoint)
     names, transform = info.eval_settings(model.config.num_classes)
     return model, names, transform
 

@@ -22,8 +22,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from resnet_flax.weights import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
