@@ -11,16 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from conftest import PARITY_ROWS, randomize_bn_state, rel_err
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-
-import convert  # noqa: E402
-import resnet_flax  # noqa: E402
-from convert.__main__ import main as convert_main  # noqa: E402
-from resnet_flax.errors import WeightsError  # noqa: E402
-from resnet_flax.hub import file_info  # noqa: E402
+import convert
+import resnet_flax
+from convert.__main__ import main as convert_main
+from resnet_flax.errors import WeightsError
+from resnet_flax.hub import file_info
 
 TOL = 1e-5
 
@@ -64,7 +63,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 # --- timm ---------------------------------------------------------------------------------------------------
 
 def _timm_model(seed: int, **kwargs):
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(seed)
     model = timm.create_model("resnet18", **kwargs)
     randomize_bn_state(model, torch.Generator().manual_seed(seed + 1))
@@ -148,7 +147,7 @@ def test_torchvision_segmentation_backbone(tmp_path, capsys):
 # --- Hugging Face transformers ----------------------------------------------------------------------------
 
 def _hf_model(folder, *, headless: bool = False, **config_kwargs):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.ResNetConfig(layer_type="basic", depths=[1, 2, 1, 1], hidden_sizes=[64, 128, 256, 512],
                                        num_labels=4, id2label={i: f"label {i}" for i in range(4)},
                                        label2id={f"label {i}": i for i in range(4)}, **config_kwargs)
@@ -251,9 +250,8 @@ def test_hub_names_offline_from_the_hf_cache(tmp_path, monkeypatch):
 def test_timm_variant_by_hub_name(tmp_path, monkeypatch):
     """timm's ResNet-D weights arrive by hub name like plain ones (resnet18d: deep stem, avg-pool shortcuts)."""
     import huggingface_hub.constants as hfc
+    import timm
     from safetensors.torch import save_file
-
-    timm = pytest.importorskip("timm")
     monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("RESNET_FLAX_HOME", str(tmp_path / "home"))

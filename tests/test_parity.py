@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import PARITY_ROWS, nchw_to_nhwc, rel_err, torch_model_with_bn_state, torch_stages
-from resnet_flax.mapping import flax_to_torch
 from flax import nnx
 
 import convert
 import resnet_flax
+from resnet_flax.mapping import flax_to_torch
 from resnet_flax.registry import list_models
 
 ALL_ARCHS = resnet_flax.list_models()  # torchvision's, then timm's (the reference model is timm's for those)

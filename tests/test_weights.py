@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registry_matches_torchvision_enums():
-    tvr = pytest.importorskip("torchvision.models.resnet")
+    import torchvision.models.resnet as tvr
     assert set(W.ENUM_NAMES.values()) == {n for n in dir(tvr) if n.endswith("_Weights")}
     for arch, enum_name in W.ENUM_NAMES.items():
         ref_enum, ours_enum = getattr(tvr, enum_name), W.REGISTRY[arch]
@@ -109,7 +109,7 @@ def env(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def r18_file(tmp_path_factory):
     """A resnet18 checkpoint with random BN state, named like torchvision's (``resnet18-<sha256 prefix>.pth``)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from conftest import torch_model_with_bn_state
 
     folder = tmp_path_factory.mktemp("served")
@@ -231,8 +231,8 @@ def test_weights_by_name_without_torch(env, r18_file):
 def test_predict_uses_what_the_file_records(tmp_path):
     from PIL import Image
 
-    from resnet_flax.loading import variable_shapes
     from resnet_flax.io import abstract_model, load_flat_state
+    from resnet_flax.loading import variable_shapes
     from train.predict import load_predictor
     from train.transforms import eval_transform
 
