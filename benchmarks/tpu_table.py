@@ -3,7 +3,7 @@
 For each architecture and single-host slice: the train step compiled at 128 images a chip (memory per chip,
 FLOPs per image, roofline, collectives), then the largest global batch that fits (found by compiling), and
 one pod-scale multi-host compile. Each compile runs in its own child, isolated as ``--compile-only`` is
-(:func:`train.compile_only.run_isolated`'s environment, no network). Slow on a small machine: run it niced.
+(:func:`train.tpu_sizing.run_isolated`'s environment, no network). Slow on a small machine: run it niced.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.compile_only import isolation_env, no_network_prefix
+from train.tpu_sizing import isolation_env, no_network_prefix
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 SLICES = {"v5e-8": "v5e:2x4", "v6e-8": "v6e:2x4", "v5p-8": "v5p:2x2x1"}
@@ -39,13 +39,13 @@ def child(arch: str, topology: str, per_chip: int) -> dict[str, Any]:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from train import compile_only as co
+    from train import tpu_sizing as ts
 
-    devices = co.topology_devices(topology)
-    _, per_device = co.chip_of(devices)
+    devices = ts.topology_devices(topology)
+    _, per_device = ts.chip_of(devices)
     cfg = _config(arch, topology, per_chip * len(devices) // per_device)
-    compiled = co.compile_steps(cfg, devices, CLASSES)
-    return co.build_report(cfg, topology, devices, compiled, CLASSES)
+    compiled = ts.compile_steps(cfg, devices, CLASSES)
+    return ts.build_report(cfg, topology, devices, compiled, CLASSES)
 
 
 def search_child(row: dict[str, Any]) -> dict[str, Any]:
@@ -53,13 +53,13 @@ def search_child(row: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from train import compile_only as co
+    from train import tpu_sizing as ts
 
-    devices = co.topology_devices(row["topology"])
+    devices = ts.topology_devices(row["topology"])
     cfg = _config(row["arch"], row["topology"], row["global_batch"])
     t0 = time.perf_counter()
     row = {**row, "search_compiles": {}}
-    best = co.search_largest_batch(cfg, devices, CLASSES, row, lambda line: print(line, file=sys.stderr, flush=True))
+    best = ts.search_largest_batch(cfg, devices, CLASSES, row, lambda line: print(line, file=sys.stderr, flush=True))
     return {"largest_fitting_batch": best, "search_compiles": row["search_compiles"],
             "search_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -92,7 +92,7 @@ def _largest(r: dict[str, Any]) -> str:
     """The searched largest batch (how many compiles it took), else the line's estimate, labelled."""
     if "largest_fitting_batch" in r:
         return f"{r['largest_fitting_batch']:,} ({len(r['search_compiles'])} compiles)"
-    from train.compile_only import fixed_bytes
+    from train.tpu_sizing import fixed_bytes
 
     m, n = r["memory"]["train"], r["devices"]
     fixed = fixed_bytes(m)
@@ -102,7 +102,7 @@ def _largest(r: dict[str, Any]) -> str:
 
 def _input_mark(r: dict[str, Any]) -> str:
     """A dagger on rows compiled for other input batches than a run feeds (float32, before runs fed uint8)."""
-    return "" if r["batch_dtypes"] == _batch_dtypes() else " †"
+    return "" if r["batch_dtypes"] == batch_dtypes() else " †"
 
 
 def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None) -> str:
@@ -137,10 +137,10 @@ def markdown(rows: list[tuple[str, dict[str, Any]]], pod: dict[str, Any] | None)
 
 
 @functools.cache
-def _batch_dtypes() -> dict[str, str]:
+def batch_dtypes() -> dict[str, str]:
     """The dtypes of the batches a run feeds its steps now (what a row must have been compiled for)."""
-    from train.data import RunData
     from train.mesh import device_batch
+    from train.pipeline import RunData
 
     return {k: str(v.dtype) for k, v in device_batch(RunData.padding_example(IMAGE_SIZE)).items()}
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, done = [], {}
     if args.out.exists():  # resume: a long run killed part-way keeps what it finished
         done = {(r["arch"], r["topology"]): r for r in json.loads(args.out.read_text())}
-    current = _batch_dtypes()
+    current = batch_dtypes()
     todo = [(a, n, SLICES[n], not args.no_search) for n in args.slice for a in args.arch]
     if not args.no_pod:
         todo.insert(0, (POD[0], POD[1], POD[2], False))  # the slowest compile first: a cut-short run keeps it

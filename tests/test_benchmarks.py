@@ -125,5 +125,5 @@ def test_tpu_table_renders_the_committed_compiles_and_labels_what_was_not_measur
         assert ("†" in line) == (r["batch_dtypes"]["image"] != "uint8"), line
         assert ("(est.)" in line) == ("largest_fitting_batch" not in r), line  # an estimate says so
     assert "**Pod scale**" in text and f"{pod['global_batch']:,}" in text
-    stale = {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"] != tpu_table._batch_dtypes()}
+    stale = {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"] != tpu_table.batch_dtypes()}
     assert stale == {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"]["image"] == "float32"}

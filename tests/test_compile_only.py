@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from train.compile_only import accelerator_type, collectives, isolation_env, largest_fitting_batch
+from train.tpu_sizing import (
+    accelerator_type,
+    collectives,
+    isolation_env,
+    largest_fitting_batch,
+    no_network_prefix,
+    out_of_memory,
+)
 
 pytestmark = pytest.mark.xdist_group("tpu_compile")  # one worker compiles the topologies once
 
@@ -88,14 +95,12 @@ def test_a_batch_that_does_not_fit_exits_2_naming_the_largest_that_does(reports,
     """The search with real compiles, kept small: the one-host case on a v5e with one byte less HBM than its
     batch needs. (At 64 px a device's memory is flat below ~8 images, XLA's tiles: measured 177.95 MB at 1
     image a device, 178.70 at 8, 185.08 at 16; so a cut deeper than that would leave nothing that fits.)"""
-    from train.compile_only import no_network_prefix
-
     report = reports["one host"][0]
     topology, devices, _, batch = CASES["one host"]
     hbm = report["memory"]["train"]["total"] - 1
-    code = ("import dataclasses, sys; import train.compile_only as co; "
-            f"co.CHIPS['TPU v5 lite'] = dataclasses.replace(co.CHIPS['TPU v5 lite'], hbm_bytes={hbm}); "
-            "sys.exit(co.main(sys.argv[1:]))")
+    code = ("import dataclasses, sys; import train.tpu_sizing as ts; "
+            f"ts.CHIPS['TPU v5 lite'] = dataclasses.replace(ts.CHIPS['TPU v5 lite'], hbm_bytes={hbm}); "
+            "sys.exit(ts.main(sys.argv[1:]))")
     args = ["--compile-only", "--arch", "resnet18", "--image-size", "64", "--dtype", "bfloat16", "--dataset",
             "synthetic", "--workdir", str(tmp_path), "--topology", topology, "--batch-size", str(batch)]
     env = {k: v for k, v in isolation_env(topology).items() if not k.startswith("JAX_COMPILATION_CACHE")}
@@ -180,9 +185,7 @@ def test_bad_topology_and_flags_are_one_line_errors(tmp_path):
 
 
 def test_xla_out_of_memory_is_read_as_does_not_fit():
-    from train.compile_only import _out_of_memory
-
-    e = _out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+    e = out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
                                     "memory space hbm. Used 20.69G of 15.75G hbm. Exceeded hbm capacity by 4.94G."))
     assert e is not None and e.used == 20.69 * 2**30
-    assert _out_of_memory(RuntimeError("INVALID_ARGUMENT: something else")) is None
+    assert out_of_memory(RuntimeError("INVALID_ARGUMENT: something else")) is None

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse_config(argv)
     if cfg.compile_only:  # in a child process: libtpu stays out of this one
-        from train.compile_only import run_isolated
+        from train.tpu_sizing import run_isolated
 
         return run_isolated(sys.argv[1:] if argv is None else argv, cfg.topology)
     from train.platforms import leave_out_absent_tpu
