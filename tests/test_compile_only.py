@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from train.platforms import tpu_chip_attached
 from train.tpu_sizing import (
     accelerator_type,
     collectives,
@@ -158,20 +159,43 @@ def test_libtpu_is_kept_offline_and_out_of_the_parent():
     assert accelerator_type("nonsense") is None
 
 
-@needs_libtpu
-def test_commands_leave_libtpu_out_on_a_machine_without_a_tpu():
-    """With the [tpu] extra installed and no chip, JAX would load libtpu, which prints errors on stderr."""
-    from jax._src import hardware_utils
+def test_a_tpu_chip_is_a_google_pci_device_other_than_its_network_and_disk_controllers(tmp_path):
+    def device(name: str, vendor: str, pci_class: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor + "\n")
+        (tmp_path / name / "class").write_text(pci_class + "\n")
 
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    device("0000:00:03.0", "0x8086", "0x060000")  # a host bridge
+    device("0000:00:04.0", "0x1ae0", "0x020000")  # Google's gVNIC
+    device("0000:00:05.0", "0x1ae0", "0x010802")  # Google's NVMe disk
+    assert tpu_chip_attached(tmp_path) is False
+    device("0000:00:06.0", "0x1ae0", "0x120000")  # a processing accelerator: a TPU chip, whatever its generation
+    assert tpu_chip_attached(tmp_path) is True
+    assert tpu_chip_attached(tmp_path / "no-sysfs") is None  # unknown: JAX's own choice stands
+
+
+@needs_libtpu
+@pytest.mark.parametrize("plugin", [False, True], ids=["cpu only", "with a PJRT plugin"])
+def test_commands_leave_libtpu_out_on_a_machine_without_a_tpu(plugin, tmp_path):
+    """With the [tpu] extra installed and no chip, JAX would load libtpu, which prints errors on stderr.
+
+    Without a PJRT plugin the CPU is all there is (``jax_platforms`` becomes ``cpu``); with one (here a plugin
+    that registers nothing, found the way JAX finds CUDA's) JAX keeps choosing, without the TPU."""
+    if tpu_chip_attached():
         pytest.skip("a TPU is attached: JAX must load libtpu")
     code = ("from train.platforms import leave_out_absent_tpu; leave_out_absent_tpu(); import jax; "
-            "from jax._src import xla_bridge; jax.devices(); print(sorted(xla_bridge.backends()))")
+            "import jax.extend.backend; jax.devices(); print(sorted(jax.extend.backend.backends())); "
+            "print(repr(jax.config.jax_platforms))")
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_FORCE_TPU_INIT")}
+    if plugin:
+        (tmp_path / "jax_plugins").mkdir()  # a namespace package, as plugins install it
+        (tmp_path / "jax_plugins" / "do_nothing.py").write_text("def initialize():\n    pass\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "tpu" not in proc.stdout, proc.stderr[-2000:]
     assert "libtpu" not in proc.stderr.lower() and "TPU" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == ("None" if plugin else "'cpu'"), proc.stdout
 
 
 @needs_libtpu
