@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as serialize
 
 from resnet_flax.atomic import atomic_write
 from resnet_flax.errors import WeightsError, first_line, preview_keys
@@ -64,6 +65,14 @@ def key_mismatch(missing: list[str], extra: list[str]) -> str:
     if extra:
         parts.append(f"unexpected {len(extra)} key(s): {preview_keys(extra)}")
     return "; ".join(parts)
+
+
+def save_file(arrays: dict[str, np.ndarray], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' bytes written with Python's own file I/O: a full or failing disk raises :class:`OSError`
+    with its errno and path (safetensors' writer wraps it in a SafetensorError with a traceback's worth of text)."""
+    data = serialize(arrays, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data)
 
 
 def save(model: ResNet, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None, *,
