@@ -112,3 +112,29 @@ def test_console_scripts_point_at_the_command_line_mains():
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         assert e.value.code == 0
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG reads as its 8-bit equivalent (v / 257); PIL's convert("RGB") would clip all v > 255 to white."""
+    import numpy as np
+    from PIL import Image
+
+    from train.transforms import load_image
+
+    wide = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    rgb = np.asarray(load_image(tmp_path / "g16.png"))
+    expected = np.rint(wide / 257).astype(np.uint8)
+    assert rgb.shape == (64, 64, 3) and np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    eight = tmp_path / "g8.png"
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(eight)
+    assert np.array_equal(np.asarray(load_image(eight))[..., 1], np.arange(256).reshape(16, 16))  # 8-bit unchanged
+
+
+def test_predict_top_k_below_one_is_one_line(tmp_path, capsys):
+    from train.predict import main
+
+    assert main([str(tmp_path / "x.png"), "--checkpoint", str(tmp_path), "--top-k", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--top-k 0" in err[0] and "at least 1" in err[0]

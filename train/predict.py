@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
                                                   "records, or 224)")
     args = p.parse_args(argv)
+    if args.top_k < 1:
+        print(f"error: --top-k {args.top_k}: give at least 1 (how many classes to print for each image)",
+              file=sys.stderr)
+        return 2
     leave_out_absent_tpu()
     try:
         for path in args.images:

@@ -63,9 +63,18 @@ def _open_encoded(data: bytes | bytearray | memoryview) -> Image.Image:
         raise UnidentifiedImageError("cannot identify image file: not an image format PIL reads") from None
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit grayscale PNG/TIFF
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Decode ``img`` (if still lazy) and convert it to RGB."""
+    """Decode ``img`` (if still lazy) and convert it to RGB.
+
+    16-bit grayscale is scaled to 8 bits (round(v / 257), 65535 -> 255); PIL's own conversion, which
+    torchvision's loader uses, clips it instead and turns every value above 255 white."""
     img.load()
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8), "L")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
