@@ -14,6 +14,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow tier (tests marked slow); CI runs both")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave the slow tier out unless --slow: deselected, so a run says how many it left out."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 # Rows printed at the end of the run (the README's parity table comes from here).
 PARITY_ROWS: list[str] = []
 
