@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,19 @@ class _QuietOrbaxErrors(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
+
+
+def _quiet_late_write_callbacks(hook=sys.unraisablehook):
+    """Drop 'Event loop is closed' from tensorstore's write callbacks that arrive after a failed save has closed
+    Orbax's event loop (about 160 bare tracebacks on a full disk); every other unraisable error still prints."""
+    def unraisable(u) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    sys.unraisablehook = unraisable
+
+
+_quiet_late_write_callbacks()
 
 
 class Checkpoints:
