@@ -4,7 +4,7 @@
 them for several epochs, batch 32, with each implementation in a fresh process, the implementations taking
 turns (round-robin, ``--rounds`` times) at each worker count:
 
-- ``grain``: ``train.data.RunData``, as ``python -m train`` reads a run: one grain iterator for all epochs
+- ``grain``: ``train.pipeline.RunData``, as ``python -m train`` reads a run: one grain iterator for all epochs
   (workers start once), uint8 batches (the jitted step normalises on the device), files held in memory.
 - ``grain-per-epoch``: the earlier form, ``make_loader`` per epoch with float32 host normalisation (workers
   started again every epoch, files read from disk): what the levers above replaced.
@@ -54,8 +54,10 @@ def write_jpegs(folder: Path, count: int, seed: int = 0, sizes: tuple[int, int] 
 
 
 def grain_epochs(paths: list[str], workers: int, batch: int, size: int, epochs: int, per_epoch: bool):
-    """Batches of ``epochs`` epochs through train.data: one RunData, or make_loader (float32) per epoch."""
-    from train.data import FileSource, RunData, Segment, Splits, make_loader, steps_per_epoch
+    """Batches of ``epochs`` epochs through train.pipeline: one RunData, or make_loader (float32) per epoch."""
+    from train.pipeline import RunData, make_loader, steps_per_epoch
+    from train.schedule import Segment
+    from train.sources import FileSource, Splits
 
     source = FileSource(tuple(paths), tuple(i % 10 for i in range(len(paths))))
     if per_epoch:

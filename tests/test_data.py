@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import data
+from train import pipeline, sources, tfds_data
 from train import transforms as tr
 from train.errors import DataError
 
@@ -58,16 +58,16 @@ def _assert_batches_equal(a: list[dict[str, np.ndarray]], b: list[dict[str, np.n
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def _indexed_source(n: int) -> data.SyntheticSource:
+def _indexed_source(n: int) -> sources.SyntheticSource:
     """Synthetic source whose label equals the example index (one class per example)."""
-    return data.SyntheticSource(num_examples=n, num_classes=n, image_size=24)
+    return sources.SyntheticSource(num_examples=n, num_classes=n, image_size=24)
 
 
 @dataclass
 class RecordingSource:
     """Wraps a source and records which indices were read (to prove resumption skips decoding)."""
 
-    inner: data.SyntheticSource
+    inner: sources.SyntheticSource
     seen: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -239,7 +239,7 @@ def test_load_image_accepts_arrays() -> None:
 def test_folder_class_names_and_stratified_split(tmp_path: Path) -> None:
     _write_class_folder(tmp_path, {"cat": 10, "dog": 5, "axolotl": 6})
     (tmp_path / ".hidden").mkdir()
-    splits = data.load_splits(data_dir=tmp_path, val_fraction=0.2)
+    splits = sources.load_splits(data_dir=tmp_path, val_fraction=0.2)
     assert splits.class_names == ["axolotl", "cat", "dog"] and splits.num_classes == 3
     assert len(splits.train) + len(splits.val) == 21  # .txt files ignored, nested + upper-case ext found
     val_per_class = np.bincount([splits.val[i]["label"] for i in range(len(splits.val))], minlength=3)
@@ -250,14 +250,14 @@ def test_folder_class_names_and_stratified_split(tmp_path: Path) -> None:
     for i in range(len(splits.train)):
         record = splits.train[i]
         assert Path(record["image"]).relative_to(tmp_path).parts[0] == splits.class_names[record["label"]]
-    again = data.load_splits(data_dir=tmp_path, val_fraction=0.2)
+    again = sources.load_splits(data_dir=tmp_path, val_fraction=0.2)
     assert again.val == splits.val and again.train == splits.train  # deterministic split
 
 
 def test_folder_with_train_and_val_subfolders_is_used_as_is(tmp_path: Path) -> None:
     _write_class_folder(tmp_path / "train", {"a": 4, "b": 3})
     _write_class_folder(tmp_path / "val", {"a": 2, "b": 1}, seed=1)
-    splits = data.load_splits(data_dir=str(tmp_path))
+    splits = sources.load_splits(data_dir=str(tmp_path))
     assert splits.class_names == ["a", "b"]
     assert len(splits.train) == 7 and len(splits.val) == 3
     assert all("/val/" in splits.val[i]["image"] for i in range(3))
@@ -267,14 +267,14 @@ def test_folder_with_train_and_val_subfolders_is_used_as_is(tmp_path: Path) -> N
 def test_folder_with_validation_subfolder_is_recognised(tmp_path: Path) -> None:
     _write_class_folder(tmp_path / "train", {"a": 2, "b": 1})
     _write_class_folder(tmp_path / "validation", {"a": 1, "b": 1})
-    splits = data.load_splits(data_dir=tmp_path)
+    splits = sources.load_splits(data_dir=tmp_path)
     assert (len(splits.train), len(splits.val), splits.class_names) == (3, 2, ["a", "b"])
 
 
 def _one_line_error(match: str, **kwargs) -> str:
     """Call load_splits expecting a one-line DataError whose message contains ``match``."""
     with pytest.raises(DataError) as info:
-        data.load_splits(**kwargs)
+        sources.load_splits(**kwargs)
     message = str(info.value)
     assert "\n" not in message and match in message
     return message
@@ -333,34 +333,34 @@ def test_tf_flowers_first_build_offline(tmp_path: Path, monkeypatch: pytest.Monk
         message = _one_line_error("needs TensorFlow", dataset="tf_flowers", tfds_data_dir=str(tmp_path / "d"))
         assert "pip install 'resnet-flax[tfds]'" in message and "--data-dir" in message
     else:
-        splits = data.load_splits("tf_flowers", tfds_data_dir=str(tmp_path / "d"))
+        splits = sources.load_splits("tf_flowers", tfds_data_dir=str(tmp_path / "d"))
         assert len(splits.train) + len(splits.val) == 6
 
 
 def test_tfds_tf_flowers_through_mock_data() -> None:
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=10):
-        splits = data.load_splits("tf_flowers")
+        splits = sources.load_splits("tf_flowers")
         assert splits.class_names == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
         assert len(splits.train) == 10 and len(splits.val) == 10  # the mock ignores split slicing
         record = splits.train[0]
         assert record["image"].dtype == np.uint8 and record["image"].ndim == 3
-        batches = list(data.make_loader(splits.train, batch_size=4, image_size=32, train=True, seed=0))
+        batches = list(pipeline.make_loader(splits.train, batch_size=4, image_size=32, train=True, seed=0))
     assert len(batches) == 2
     assert batches[0]["image"].shape == (4, 32, 32, 3) and batches[0]["mask"].tolist() == [1.0] * 4
     assert set(batches[0]["label"].tolist()) <= set(range(5))
 
 
 def test_tfds_split_names() -> None:
-    assert data._tfds_split_names({"train": 1, "validation": 1}, 0.2, "x") == ("train", "validation")
-    assert data._tfds_split_names({"train": 1, "test": 1}, 0.2, "x") == ("train", "test")
-    assert data._tfds_split_names({"train": 1}, 0.2, "x") == ("train[:80%]", "train[80%:]")
+    assert tfds_data.split_names({"train": 1, "validation": 1}, 0.2, "x") == ("train", "validation")
+    assert tfds_data.split_names({"train": 1, "test": 1}, 0.2, "x") == ("train", "test")
+    assert tfds_data.split_names({"train": 1}, 0.2, "x") == ("train[:80%]", "train[80%:]")
 
 
 def test_synthetic_splits_are_deterministic_and_distinct() -> None:
-    splits = data.load_splits("synthetic", synthetic_size=20, synthetic_classes=4, val_fraction=0.25)
+    splits = sources.load_splits("synthetic", synthetic_size=20, synthetic_classes=4, val_fraction=0.25)
     assert (len(splits.train), len(splits.val), splits.num_classes) == (20, 5, 4)
-    a, b = splits.train[3], data.load_splits("synthetic", synthetic_size=20, synthetic_classes=4).train[3]
+    a, b = splits.train[3], sources.load_splits("synthetic", synthetic_size=20, synthetic_classes=4).train[3]
     np.testing.assert_array_equal(a["image"], b["image"])
     assert a["image"].dtype == np.uint8 and a["label"] == 3
     assert not np.array_equal(splits.train[0]["image"], splits.val[0]["image"])
@@ -372,12 +372,12 @@ def test_synthetic_splits_are_deterministic_and_distinct() -> None:
 def _load(source, **kwargs) -> list[dict[str, np.ndarray]]:
     """All batches of one epoch as a list (small images, fixed seed unless overridden)."""
     kwargs = {"image_size": 16, "seed": 0, **kwargs}
-    return list(data.make_loader(source, **kwargs))
+    return list(pipeline.make_loader(source, **kwargs))
 
 
 def test_train_batches_have_expected_shapes_and_drop_remainder() -> None:
     batches = _load(_indexed_source(22), batch_size=4, train=True)
-    assert len(batches) == data.steps_per_epoch(22, 4) == 5
+    assert len(batches) == pipeline.steps_per_epoch(22, 4) == 5
     b = batches[0]
     assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
     assert b["label"].dtype == np.int32 and b["mask"].dtype == np.float32 and b["corrupt"].dtype == np.int32
@@ -407,7 +407,7 @@ def test_resume_from_start_batch_matches_uninterrupted_stream_and_skips_decoding
 def test_worker_processes_give_identical_batches(tmp_path: Path) -> None:
     _write_class_folder(tmp_path, {"a": 7, "b": 6})
     (tmp_path / "a" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    source = data.load_splits(data_dir=tmp_path, val_fraction=0.0).train
+    source = sources.load_splits(data_dir=tmp_path, val_fraction=0.0).train
     in_process = _load(source, batch_size=4, train=True, epoch=2)
     with_workers = _load(source, batch_size=4, train=True, epoch=2, num_workers=2)
     _assert_batches_equal(in_process, with_workers)
@@ -430,7 +430,7 @@ def test_host_shares_concatenate_to_the_global_batch(train: bool) -> None:
 def test_eval_pads_last_batch_and_covers_each_example_once() -> None:
     source = _indexed_source(11)
     batches = _load(source, batch_size=4, train=False)
-    assert len(batches) == data.steps_per_epoch(11, 4, train=False) == 3
+    assert len(batches) == pipeline.steps_per_epoch(11, 4, train=False) == 3
     assert batches[-1]["mask"].tolist() == [1.0, 1.0, 1.0, 0.0]
     assert np.all(batches[-1]["image"][3] == 0) and batches[-1]["corrupt"].sum() == 0
     assert _labels_in_order(batches) == list(range(11))  # eval keeps source order
@@ -440,7 +440,7 @@ def test_eval_pads_last_batch_and_covers_each_example_once() -> None:
 
 def test_eval_batches_match_eval_transform(tmp_path: Path) -> None:
     _write_class_folder(tmp_path, {"a": 2, "b": 1})
-    source = data.load_splits(data_dir=tmp_path, val_fraction=0.0).train
+    source = sources.load_splits(data_dir=tmp_path, val_fraction=0.0).train
     batch = _load(source, batch_size=3, train=False, image_size=24, resize_size=28)[0]
     for i in range(3):
         expected = tr.eval_transform(tr.load_image(source[i]["image"]), 24, 28)
@@ -451,9 +451,9 @@ def test_corrupt_image_is_masked_counted_and_logged(tmp_path: Path, caplog: pyte
     _write_class_folder(tmp_path, {"a": 3, "b": 3})
     bad = tmp_path / "b" / "zz_corrupt.jpg"
     bad.write_bytes(b"\xff\xd8garbage bytes, not an image")
-    source = data.load_splits(data_dir=tmp_path, val_fraction=0.0).train
+    source = sources.load_splits(data_dir=tmp_path, val_fraction=0.0).train
     bad_index = next(i for i in range(len(source)) if source[i]["image"] == str(bad))
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="train.pipeline"):
         batches = _load(source, batch_size=7, train=False)
         train_batches = _load(source, batch_size=7, train=True)
     batch = batches[0]
@@ -469,23 +469,23 @@ def test_truncated_jpeg_is_corrupt_not_fatal(tmp_path: Path) -> None:
     _write_class_folder(tmp_path, {"a": 2, "b": 1}, size=(64, 64))
     good = min((tmp_path / "a").glob("*.jpg"))
     (tmp_path / "a" / "truncated.jpg").write_bytes(good.read_bytes()[:200])
-    source = data.load_splits(data_dir=tmp_path, val_fraction=0.0).train
+    source = sources.load_splits(data_dir=tmp_path, val_fraction=0.0).train
     batch = _load(source, batch_size=3, train=False)[0]
     assert batch["corrupt"].sum() == 1 and batch["mask"].sum() == 2
 
 
 def test_batch_size_must_split_across_processes_and_fit_the_data() -> None:
     with pytest.raises(DataError, match="multiple of 4"):
-        data.make_loader(_indexed_source(40), batch_size=10, image_size=16, train=True, seed=0, process_count=4)
+        pipeline.make_loader(_indexed_source(40), batch_size=10, image_size=16, train=True, seed=0, process_count=4)
     with pytest.raises(DataError, match="fewer than one global batch"):
-        data.make_loader(_indexed_source(3), batch_size=4, image_size=16, train=True, seed=0)
+        pipeline.make_loader(_indexed_source(3), batch_size=4, image_size=16, train=True, seed=0)
 
 
 def test_steps_per_epoch() -> None:
-    assert data.steps_per_epoch(10, 4) == 2
-    assert data.steps_per_epoch(10, 4, train=False) == 3
-    assert data.steps_per_epoch(8, 4, train=False) == 2
-    assert data.steps_per_epoch(3, 4) == 0
+    assert pipeline.steps_per_epoch(10, 4) == 2
+    assert pipeline.steps_per_epoch(10, 4, train=False) == 3
+    assert pipeline.steps_per_epoch(8, 4, train=False) == 2
+    assert pipeline.steps_per_epoch(3, 4) == 0
 
 
 

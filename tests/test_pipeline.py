@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import data
+from train import grain_workers, pipeline, sources
 from train import transforms as tr
-from train.data import RunData, Segment, Splits, run_schedule
+from train.pipeline import RunData
+from train.schedule import Position, Schedule, Segment
+from train.sources import Splits
 from train.steps import normalize_images
 
 
@@ -32,7 +34,7 @@ def _folder(root: Path, per_class: int = 6, size: tuple[int, int] = (40, 30)) ->
         (root / name).mkdir(parents=True)
         for k in range(per_class):
             _photo(rng, size[1], size[0]).save(root / name / f"{k}.jpg", quality=90)
-    return data.load_splits(data_dir=root, val_fraction=0.34)
+    return sources.load_splits(data_dir=root, val_fraction=0.34)
 
 
 def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> None:
@@ -44,24 +46,43 @@ def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> Non
 
 def test_schedule_follows_the_loop():
     train, val = Segment("train", 0, 0, 5), Segment("val")
-    assert run_schedule(5, 10, 0, 0, 0) == [train, val, Segment("train", 1, 0, 5), val]
+    assert Schedule(5, 10).segments(Position(0, 0, 0)) == [train, val, Segment("train", 1, 0, 5), val]
     # resumed mid-epoch 1, stopping mid-epoch 2 (--max-steps 12), evaluating every second epoch and at the end
-    assert run_schedule(5, 12, 7, 1, 2, eval_every_epochs=2) == [
+    assert Schedule(5, 12, eval_every_epochs=2).segments(Position(7, 1, 2)) == [
         Segment("train", 1, 2, 5), val, Segment("train", 2, 0, 2), val]
-    assert run_schedule(5, 15, 0, 0, 0, eval_every_epochs=2) == [
+    assert Schedule(5, 15, eval_every_epochs=2).segments(Position(0, 0, 0)) == [
         train, Segment("train", 1, 0, 5), val, Segment("train", 2, 0, 5), val]
-    assert run_schedule(5, 10, 10, 2, 0) == []
+    assert Schedule(5, 10).segments(Position(10, 2, 0)) == []
+
+
+def test_schedule_stretches_are_its_segments_with_positions_and_checkpoints():
+    schedule = Schedule(5, 12, eval_every_epochs=2, checkpoint_every=4)
+    stretches = list(schedule.stretches(Position(7, 1, 2)))
+    assert [(s.train, s.start_step, s.end, s.evaluate, s.reported_epoch) for s in stretches] == [
+        (Segment("train", 1, 2, 5), 7, Position(10, 2, 0), True, 2),
+        (Segment("train", 2, 0, 2), 10, Position(12, 2, 2), True, 3)]
+    assert schedule.segments(Position(7, 1, 2)) == [stretches[0].train, Segment("val"), stretches[1].train,
+                                                    Segment("val")]
+    assert stretches[0].position_after(1) == Position(8, 1, 3) and schedule.num_epochs == 3
+    # every 4 steps, except at a stretch's end (step 12), which the loop saves after the evaluation anyway
+    assert [step for s in stretches for step in range(s.start_step + 1, s.end.step + 1)
+            if schedule.checkpoints_within(s, step)] == [8]
+    # resumed past the epoch's end (a larger --batch-size): no batch read, the next epoch, no step lost or gained
+    first = next(Schedule(3, 8).stretches(Position(4, 1, 5)))
+    assert first.num_batches == 0 and first.end == Position(4, 2, 0)
+    with pytest.raises(ValueError):
+        Schedule(0, 10)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_run_data_is_make_loader_per_segment_from_one_iterator(tmp_path, monkeypatch, num_workers):
     splits = _folder(tmp_path)
     (tmp_path / "a" / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    splits = data.load_splits(data_dir=tmp_path, val_fraction=0.34)
-    schedule = run_schedule(2, 5, 1, 0, 1)  # resumed at epoch 0, batch 1; 2 batches of 3 per epoch
+    splits = sources.load_splits(data_dir=tmp_path, val_fraction=0.34)
+    schedule = Schedule(2, 5).segments(Position(1, 0, 1))  # resumed at epoch 0, batch 1; 2 batches of 3 an epoch
     iterators = []
-    real_to_iter = data._to_iter
-    monkeypatch.setattr(data, "_to_iter", lambda ds, n: iterators.append(n) or real_to_iter(ds, n))
+    real_iterate = grain_workers.iterate
+    monkeypatch.setattr(grain_workers, "iterate", lambda ds, n: iterators.append(n) or real_iterate(ds, n))
     common = {"batch_size": 3, "image_size": 16, "seed": 4}
     run = RunData(splits, schedule, num_workers=num_workers, **common)
     got, want = [], []
@@ -73,10 +94,10 @@ def test_run_data_is_make_loader_per_segment_from_one_iterator(tmp_path, monkeyp
     assert iterators == [num_workers]  # one grain iterator (one set of worker processes) for the whole run
     for seg in schedule:
         if seg.kind == "train":
-            want.append(list(data.make_loader(splits.train, train=True, epoch=seg.epoch, start_batch=seg.start,
+            want.append(list(pipeline.make_loader(splits.train, train=True, epoch=seg.epoch, start_batch=seg.start,
                                               normalize=False, **common))[: seg.stop - seg.start])
         else:
-            want.append(list(data.make_loader(splits.val, train=False, normalize=False, **common)))
+            want.append(list(pipeline.make_loader(splits.val, train=False, normalize=False, **common)))
     for g, w in zip(got, want):
         _same(g, w)
     assert got[0][0]["image"].dtype == np.uint8
@@ -87,7 +108,7 @@ def test_batch_spec_is_what_a_run_feeds_its_steps(tmp_path):
     from train.mesh import batch_spec, device_batch, make_mesh
 
     splits = _folder(tmp_path)
-    run = RunData(splits, run_schedule(2, 1, 0, 0, 0), batch_size=3, image_size=16, seed=0)
+    run = RunData(splits, Schedule(2, 1).segments(Position()), batch_size=3, image_size=16, seed=0)
     try:
         (batch,) = list(run.train(0, 0))
     finally:
@@ -103,7 +124,7 @@ def test_batch_spec_is_what_a_run_feeds_its_steps(tmp_path):
 
 def test_run_data_refuses_a_segment_out_of_order(tmp_path):
     splits = _folder(tmp_path)
-    run = RunData(splits, run_schedule(2, 4, 0, 0, 0), batch_size=3, image_size=16, seed=0)
+    run = RunData(splits, Schedule(2, 4).segments(Position()), batch_size=3, image_size=16, seed=0)
     with pytest.raises(RuntimeError, match="schedule"):
         run.val()
     run.close()
@@ -165,14 +186,14 @@ def test_train_crop_decodes_big_jpegs_at_reduced_scale_with_the_same_crop():
 
 def test_small_folders_are_held_in_memory_and_read_the_same(tmp_path, caplog):
     splits = _folder(tmp_path)
-    held = data.in_memory(splits.train)
-    assert isinstance(held, data.BytesSource) and len(held) == len(splits.train)
-    assert data.in_memory(splits.train, limit=100) is splits.train  # over the limit: read from disk
+    held = sources.in_memory(splits.train)
+    assert isinstance(held, sources.BytesSource) and len(held) == len(splits.train)
+    assert sources.in_memory(splits.train, limit=100) is splits.train  # over the limit: read from disk
     common = {"batch_size": 4, "image_size": 16, "seed": 1, "train": True, "epoch": 3}
-    _same(list(data.make_loader(held, **common)), list(data.make_loader(splits.train, **common)))
+    _same(list(pipeline.make_loader(held, **common)), list(pipeline.make_loader(splits.train, **common)))
     Path(splits.train.paths[0]).write_bytes(b"not an image")
-    broken = data.in_memory(splits.train)
-    with caplog.at_level(logging.WARNING, logger="train.data"):
-        batches = list(data.make_loader(broken, **{**common, "train": False}))
+    broken = sources.in_memory(splits.train)
+    with caplog.at_level(logging.WARNING, logger="train.pipeline"):
+        batches = list(pipeline.make_loader(broken, **{**common, "train": False}))
     assert sum(int(b["corrupt"].sum()) for b in batches) == 1
     assert any(splits.train.paths[0] in r.getMessage() for r in caplog.records)  # named by its path

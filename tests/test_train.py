@@ -172,7 +172,8 @@ def reordering_noise(perms: list[np.ndarray]) -> float:
     """
     import jax
 
-    from train.data import load_splits, make_loader
+    from train.pipeline import make_loader
+    from train.sources import load_splits
     from train.steps import OptimConfig, create_train_state, jit_steps, make_optimizer
 
     splits = load_splits("synthetic")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import data
+from train import sources
 from train.__main__ import main as train_main
 from train.errors import DataError
 
@@ -46,7 +46,7 @@ def write_folder(root: Path, per_class: int = 4, classes=CLASSES, size=(20, 16))
     return root
 
 
-def labelled(splits: data.Splits) -> list[tuple[str, str]]:
+def labelled(splits: sources.Splits) -> list[tuple[str, str]]:
     """(class folder the file really sits in, class name it is labelled with) for every example."""
     out = []
     for src in (splits.train, splits.val):
@@ -58,7 +58,7 @@ def labelled(splits: data.Splits) -> list[tuple[str, str]]:
 
 def one_line_data_error(root: Path, match: str) -> str:
     with pytest.raises(DataError) as info:
-        data.load_splits(data_dir=root)
+        sources.load_splits(data_dir=root)
     msg = str(info.value)
     assert "\n" not in msg and match in msg, msg
     return msg
@@ -72,8 +72,8 @@ def test_symlink_loops_and_repeats_read_each_image_once_with_its_own_label(tmp_p
     (root / "red" / "loop").symlink_to(root)  # the loop that turned 24 images into 788
     (root / "green" / "self").symlink_to(root / "green")
     (root / "blue" / "again.jpg").symlink_to(root / "blue" / "0.jpg")
-    with caplog.at_level(logging.WARNING, logger="train.data"):
-        splits = data.load_splits(data_dir=root)
+    with caplog.at_level(logging.WARNING, logger="train.folders"):
+        splits = sources.load_splits(data_dir=root)
     pairs = labelled(splits)
     assert len(pairs) == 12 and all(real == label for real, label in pairs), pairs
     warned = [r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage()]
@@ -108,7 +108,7 @@ def test_single_class_and_empty_class_folders_refused(tmp_path):
     pre = tmp_path / "pre"
     write_folder(pre / "train")
     write_folder(pre / "val", classes=("red", "green"))  # no blue in val: still trains, with a warning
-    assert data.load_splits(data_dir=pre).class_names == sorted(CLASSES)
+    assert sources.load_splits(data_dir=pre).class_names == sorted(CLASSES)
 
 
 # ------------------------------------------------------------------------------------------------ predict

@@ -10,14 +10,16 @@ import jax
 
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.data import RunData, Segment, load_splits, run_schedule, steps_per_epoch
 from train.errors import NonFiniteLoss, RunError
 from train.evaluate import evaluate, format_eval
 from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
+from train.pipeline import RunData, steps_per_epoch
 from train.progress import Progress, log
 from train.run_file import RUN_FILE, check_same_run, describe_changes, write_run_file
+from train.schedule import Position, Schedule, Segment
+from train.sources import load_splits
 from train.steps import OptimConfig, build_steps
 
 
@@ -93,8 +95,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
         num_epochs = math.ceil(total_steps / spe)
         # One reader for every epoch and evaluation of the run: its workers start once and read ahead.
-        data = RunData(splits, run_schedule(spe, total_steps, step, epoch, start_batch, cfg.eval_every_epochs),
-                       image_size=cfg.image_size, **reader)
+        schedule = Schedule(spe, total_steps, cfg.eval_every_epochs)
+        data = RunData(splits, schedule.segments(Position(step, epoch, start_batch)), image_size=cfg.image_size,
+                       **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
         while epoch < num_epochs and step < total_steps:

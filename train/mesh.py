@@ -36,7 +36,7 @@ def device_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def batch_spec(batch_size: int, image_size: int, sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes, dtypes and sharding of the global batch a run's steps receive (from the run loader's own example)."""
-    from train.data import RunData
+    from train.pipeline import RunData
 
     example = device_batch(RunData.padding_example(image_size))
     return {k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)

@@ -1,0 +1,87 @@
+"""Reading a grain dataset through threads or worker processes, with what grain leaves to its caller: absl flags
+marked parsed, Ctrl-C left to the main process, shared memory freed on time, the iterator closed when abandoned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+
+import grain
+import numpy as np
+
+from resnet_flax.errors import first_line
+
+logger = logging.getLogger(__name__)
+
+
+def iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """The elements of ``ds`` in order, read by ``num_workers`` worker processes (threads in this process when 0);
+    the workers stop when the iteration ends or is abandoned."""
+    return _iterate(_to_iter(ds, num_workers))
+
+
+def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+    """In-process thread prefetch for ``num_workers == 0``, else grain worker processes (same order)."""
+    if num_workers <= 0:
+        threads = max(1, min(8, os.cpu_count() or 1))
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
+    _mark_absl_flags_parsed()
+    per_worker = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+    return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=_init_worker)
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+    """Workers leave Ctrl-C to the main process (which stops them and frees their buffers in order) and print
+    the training package's warnings as the main process does: the message alone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package = logging.getLogger("train")  # the parent of every train.* logger (the loader's skip warnings)
+    package.addHandler(handler)
+    package.propagate = False
+
+
+def _unlink_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Free the names of the shared-memory blocks a worker's batch arrives in, now rather than at grain's leisure.
+
+    grain unlinks them from a background thread when the arrays are collected, which may not run before the
+    process exits (a "leaked shared_memory" warning each run). The arrays stay valid: unlinking removes the
+    name, and the memory goes when the arrays do.
+    """
+    for array in batch.values():
+        shm = getattr(array, "shm", None)
+        # ``_unlink_on_del`` is grain's private flag (SharedMemoryArray): grain has ``unlink_on_del()`` to set it
+        # but no public way to read or clear it, nor to unlink a block early.
+        if isinstance(shm, shared_memory.SharedMemory) and getattr(array, "_unlink_on_del", False):
+            shm.unlink()
+            # Cleared so grain's collector only unmaps: a second unlink of the name would fail.
+            array._unlink_on_del = False
+    return batch
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain's multiprocessing reads absl flags; outside ``absl.app`` they must be marked parsed first."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
+    """Yield batches and close the grain iterator (and its worker processes) when done or abandoned."""
+    iterator = iter(ds)
+    try:
+        for batch in iterator:
+            yield _unlink_shared_memory(batch)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:
+                logger.debug("closing the grain iterator failed: %s", first_line(e))
