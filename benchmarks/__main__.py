@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m benchmarks --sweep                      # the README's table: 32/64/112/224 px, about 15 minutes
+    python -m benchmarks --sweep                      # docs/performance.md's table: 32/64/112/224 px, about 15 minutes
     python -m benchmarks --quick                      # batch 8 at 224 px, about 5 minutes on 2 CPU cores
     python -m benchmarks --arch resnet50 --batch 16 32 --mode train --steps 7
     python -m benchmarks --levers --arch resnet18     # each Flax lever on its own, as ratios
@@ -12,7 +12,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results
 from benchmarks.config import FLAX_PLAIN, LEVERS, Case, conv_lever_applies, fast_options, without_conv_lever
 from benchmarks.harness import ROOT, Result, Timing, last_line, measure
 from benchmarks.report import (
@@ -72,7 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="retry samples during which other processes used more than this share of the CPUs")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each timed call wait up to S seconds for other processes to leave the CPUs idle")
-    p.add_argument("--out", type=Path, default=Path("bench-results/benchmark.json"))
+    p.add_argument("--out", type=Path, default=Path("bench-results/benchmark.json"),
+                   help="everything measured, with every sample (the result files keep the tables' rows)")
+    results.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -165,26 +167,10 @@ def run_child(module: str, args: list[str]) -> dict[str, Any]:
 
 def environment(gpu: bool, dtype: str) -> dict[str, Any]:
     """Versions and machine facts recorded with the results."""
-    versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "grain", "pillow"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "gpu": gpu, "dtype": dtype, "versions": versions,
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "loadavg_start": _loadavg()}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": results.cpu_model(),
+            "isa": results.cpu_flags(), "cpu_count": os.cpu_count(), "gpu": gpu, "dtype": dtype,
+            "versions": results.versions(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "loadavg_start": _loadavg()}
 
 
 def _loadavg() -> list[float] | None:
@@ -192,6 +178,14 @@ def _loadavg() -> list[float] | None:
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def save_child(args: argparse.Namespace, kind: str, module: str, child_args: list[str],
+               report: dict[str, Any]) -> None:
+    """The result file of a child benchmark (pipeline, end to end, converter) run from here."""
+    rows = {"pipeline": results.pipeline_rows, "end-to-end": results.end_to_end_rows,
+            "converter": results.converter_rows}[kind](report)
+    results.save(args, results.record(kind, results.command_line(module, child_args), rows, raw=report))
 
 
 def print_models(groups: list[list[Result]], levers: bool, with_compile: bool) -> dict[str, Any]:
@@ -207,8 +201,17 @@ def print_models(groups: list[list[Result]], levers: bool, with_compile: bool) -
     return {name: table, f"{name}_rows": [dict(zip(header, row)) for row in rows]}
 
 
+def settings(args: argparse.Namespace, dtype: str, timing: Timing) -> dict[str, Any]:
+    """How the model tables were measured, for the result files."""
+    return {"dtype": dtype, "timed_calls": timing.steps, "max_foreign": timing.max_foreign,
+            "wait_quiet_s": timing.wait_quiet_s,
+            "measured": f"{dtype}, median of {timing.steps} timed calls after a warm-up, implementations "
+                        "alternating, each in its own process"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run what was asked, print the tables, write the JSON."""
+    """Run what was asked, print the tables, write the JSON and the result files."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     gpu = has_gpu()
     dtype = resolve_dtype(args.dtype, gpu)
@@ -222,29 +225,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups = run_models(args, dtype, timing, lever_cases if args.levers is not None else comparison_cases)
         payload["results"] = [r.to_dict() for g in groups for r in g]
         tables.update(print_models(groups, args.levers is not None, args.torch_compile))
+        kind = "levers" if args.levers is not None else "sweep" if args.sweep else "models"
+        rows = results.lever_rows(groups) if kind == "levers" else results.model_rows(groups)
+        results.save(args, results.record(kind, results.command_line("benchmarks", argv), rows,
+                                          settings=settings(args, dtype, timing),
+                                          raw={"results": payload["results"]}))
     if "pipeline" not in args.skip and args.levers is None:
         log("input pipeline vs torchvision's DataLoader (decode + augment JPEGs):")
-        payload["pipeline"] = run_child("benchmarks.pipeline", [])
+        payload["pipeline"] = run_child("benchmarks.pipeline", ["--no-results"])
         if "error" in payload["pipeline"]:
             print(f"input pipeline: n/a ({payload['pipeline']['error']})")
         else:
+            save_child(args, "pipeline", "benchmarks.pipeline", [], payload["pipeline"])
             tables["pipeline"] = markdown(*pipeline_rows(payload["pipeline"]))
             print(f"\ninput pipeline ({payload['pipeline']['images']} JPEGs of 320-500 px -> RandomResizedCrop "
                   f"{payload['pipeline']['image_size']} + flip + normalise, batch {payload['pipeline']['batch_size']}, "
                   f"steady img/s):\n{tables['pipeline']}")
     if "end-to-end" not in args.skip and args.levers is None:
         log(f"end to end: resnet18 on digits, {args.e2e_epochs} epochs, plain PyTorch script vs python -m train:")
-        payload["end_to_end"] = run_child("benchmarks.end_to_end", ["--epochs", str(args.e2e_epochs)])
+        e2e_args = ["--epochs", str(args.e2e_epochs)]
+        payload["end_to_end"] = run_child("benchmarks.end_to_end", [*e2e_args, "--no-results"])
         if "error" in payload["end_to_end"]:
             print(f"end to end: n/a ({payload['end_to_end']['error']})")
         else:
+            save_child(args, "end-to-end", "benchmarks.end_to_end", e2e_args, payload["end_to_end"])
             tables["end_to_end"] = markdown(*end_to_end_rows(payload["end_to_end"]))
             print(f"\nend to end (resnet18, sklearn digits at 32 px, {args.e2e_epochs} epochs, batch 64, SGD):\n"
                   f"{tables['end_to_end']}")
     if "converter" not in args.skip and args.levers is None:
         log("converter (wide_resnet101_2):")
-        payload["converter"] = run_child("benchmarks.converter", [])
+        payload["converter"] = run_child("benchmarks.converter", ["--no-results"])
         print("\n" + converter_line(payload["converter"]))
+        if "error" not in payload["converter"]:
+            save_child(args, "converter", "benchmarks.converter", [], payload["converter"])
     payload["tables"] = tables
     payload["environment"]["loadavg_end"] = _loadavg()
     payload["wall_s"] = time.perf_counter() - started

@@ -13,7 +13,7 @@ Framework = Literal["flax", "torch"]
 
 # XLA:CPU (jaxlib 0.10) sends convolutions and reductions to YNNPACK by default. Its weight-gradient
 # convolutions are very slow (a 1x1 conv's weight gradient took 45-80x PyTorch's time here) and its forward
-# ones slower than XLA's Eigen path, which is close to PyTorch's oneDNN (see README.md). Keeping only
+# ones slower than XLA's Eigen path, which is close to PyTorch's oneDNN (docs/performance.md). Keeping only
 # reductions in YNNPACK gives Eigen convolutions and YNNPACK's faster BatchNorm reductions (training).
 YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps compiles with on CPU
 # Nothing in YNNPACK: Eigen convolutions and XLA's own reduction loops.

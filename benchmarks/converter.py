@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results
 from benchmarks.worker import REPLY_PREFIX, peak_rss_mb
 
 
@@ -51,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.converter``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="wide_resnet101_2")
+    results.add_arguments(p)
     args = p.parse_args(argv)
-    sys.stdout.write(REPLY_PREFIX + json.dumps(run(args.arch)) + "\n")
+    report = run(args.arch)
+    results.save(args, results.record("converter", results.command_line("benchmarks.converter", argv or sys.argv[1:]),
+                                      results.converter_rows(report), raw=report))
+    sys.stdout.write(REPLY_PREFIX + json.dumps(report) + "\n")
     return 0
 
 

@@ -4,7 +4,7 @@
 convolution of the model at that input size (batch 64, or 16 at 224 px), times its forward pass (compiled
 with the inference options) and its forward + backward (input and kernel gradients, training options; the
 stem's kernel gradient only) in both forms, alternating, and prints the form
-:func:`resnet_flax.conv.cpu_form` picks. The table in benchmarks/README.md comes from here and sets that rule.
+:func:`resnet_flax.conv.cpu_form` picks; the rule was set from this table.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks import results
+
 REPLY_PREFIX = "@@bench "  # as benchmarks.worker's, not imported: that module imports jax
 IMPLS = ("grain", "grain-per-epoch", "torch")
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +175,14 @@ def run(count: int, batch: int, size: int, workers: list[int], epochs: int, roun
             "samples": {f"{i}/{w}": s for (i, w), s in samples.items()}}
 
 
+def settings(report: dict[str, Any]) -> dict[str, Any]:
+    """How the table was measured, in words (for the result file)."""
+    return {"measured": f"{report['images']} photo-like JPEGs of {report['jpeg_sizes']}, RandomResizedCrop "
+                        f"{report['image_size']} + flip + normalise, batch {report['batch_size']}, {report['epochs']} "
+                        f"epochs per fresh process, steady img/s over the epochs after the first, median of "
+                        f"{report['rounds']} round(s), loaders taking turns"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.pipeline``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="epochs per child process (the first includes start-up)")
     p.add_argument("--rounds", type=int, default=2, help="turns each implementation takes at each worker count")
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
+    results.add_arguments(p)
     p.add_argument("--child", nargs=6, metavar=("IMPL", "DIR", "WORKERS", "BATCH", "SIZE", "EPOCHS"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -192,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = run(args.images, args.batch, args.image_size, args.workers, args.epochs, args.rounds,
                      tuple(args.impl), log=lambda m: print(m, file=sys.stderr, flush=True))
+        results.save(args, results.record("pipeline", results.command_line("benchmarks.pipeline", argv or sys.argv[1:]),
+                                          results.pipeline_rows(report), settings=settings(report), raw=report))
     sys.stdout.write(REPLY_PREFIX + json.dumps(report) + "\n")
     return 0
 

@@ -127,3 +127,95 @@ def test_tpu_table_renders_the_committed_compiles_and_labels_what_was_not_measur
     assert "**Pod scale**" in text and f"{pod['global_batch']:,}" in text
     stale = {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"] != tpu_table.batch_dtypes()}
     assert stale == {r["arch"] + r["topology"] for r in rows if r["batch_dtypes"]["image"] == "float32"}
+
+
+def test_result_rows_render_as_the_tables(tmp_path):
+    """What a benchmark command writes (rows + host) is what benchmarks.render turns into a table."""
+    import json
+
+    from benchmarks import render, results
+
+    group = [result("torch", [1.0]), result("flax-fast", [0.5], compile_s=3.0), result("flax-fast-xlaconv", [2.0])]
+    rows = results.model_rows([group])
+    assert rows[0]["ratios"] == {"flax-fast/torch": 2.0, "conv_lever": 4.0} and rows[0]["other_cpu"] == 0.5
+    rec = results.record("sweep", "python -m benchmarks --sweep", rows, settings={"measured": "float32"})
+    assert rec["host"]["cores"] and "isa" in rec["host"] and rec["versions"]["jax"] and rec["date"]
+    path = results.write(rec, tmp_path, tag="test-host")
+    assert path.name == "sweep-test-host.json" and json.loads(path.read_text())["rows"] == json.loads(
+        json.dumps(rows))
+    text = render.render_file(path)
+    assert "- **Command**: `python -m benchmarks --sweep`" in text and "- **Host**: " in text
+    line = next(x for x in text.splitlines() if x.startswith("| resnet18"))
+    assert "| 8.0 | 16.0 | **2.00** | 4.0x |" in line, line
+    levers = results.lever_rows([[result("torch", [1.0]), result("plain", [2.0]), result("plain+x", [1.0])]])
+    assert [r["vs_base"] for r in levers] == [None, None, 2.0]
+    assert "2.00x (`plain`)" in render.levers_table(levers)
+    page = f"a\n<!-- results: {path.relative_to(tmp_path)} -->\nstale\n<!-- /results -->\nb\n"
+    new, used = render.render_page(page, root=tmp_path)
+    assert used == {path.resolve()} and new.startswith("a\n<!-- results: ") and new.endswith("<!-- /results -->\nb\n")
+    assert "stale" not in new and render.render_page(new, root=tmp_path)[0] == new
+
+
+def test_host_tags_name_the_isa():
+    from benchmarks.results import host_tag
+
+    assert host_tag({"cpu": "AMD EPYC", "isa": ["avx", "avx2", "fma"], "cores": 2}) == "amd-epyc-avx2-2c"
+    assert host_tag({"cpu": "Intel(R) Xeon(R) Platinum 8480+", "isa": ["avx2", "avx512f", "amx_tile"],
+                     "cores": 8}) == "intel-r-xeon-r-platinum-8480-amx-8c"
+    assert host_tag({"gpu": "NVIDIA H200", "cpu": "x", "cores": 16}) == "nvidia-h200"
+
+
+def test_committed_results_name_their_host_and_command():
+    """Every committed speed result says where and how it was measured."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.results import KINDS
+
+    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks/results").glob("*-*.json"))
+    assert files
+    for path in files:
+        rec = json.loads(path.read_text())
+        assert rec["kind"] in KINDS and path.name.startswith(rec["kind"] + "-"), path.name
+        assert rec["command"].startswith("python -m benchmarks"), path.name
+        host = rec["host"]
+        assert host.get("gpu") or (host.get("cpu") and host.get("isa")), path.name
+        assert rec["rows"] and rec["versions"], path.name
+
+
+def test_docs_tables_are_rendered_from_the_committed_results():
+    """docs/performance.md and docs/tpu-sizing.md are what `python -m benchmarks.render` makes of
+    benchmarks/results/, and every result file appears in a page."""
+    from benchmarks import render
+
+    assert render.main(["--check"]) == 0, "run: python -m benchmarks.render"
+
+
+def test_commands_write_result_files(tmp_path, monkeypatch):
+    """`python -m benchmarks` and `python -m benchmarks.pipeline` write their result files (measuring faked)."""
+    import json
+
+    import benchmarks.__main__ as bench
+    from benchmarks import pipeline
+
+    def fake_measure(cases, timing, log):
+        return [result(c.impl, [1.0 if c.framework == "torch" else 0.5], batch=c.batch) for c in cases]
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "has_gpu", lambda: False)
+    argv = ["--arch", "resnet18", "--mode", "infer", "--batch", "4", "--quick", "--skip", "pipeline", "converter",
+            "end-to-end", "--out", str(tmp_path / "all.json"), "--results-dir", str(tmp_path), "--results-tag", "t"]
+    assert bench.main(argv) == 0
+    rec = json.loads((tmp_path / "models-t.json").read_text())
+    assert rec["command"] == "python -m benchmarks " + " ".join(argv)
+    assert rec["rows"][0]["images_per_s"] == {"torch": 4.0, "flax-fast": 8.0} and rec["raw"]["results"]
+    assert rec["settings"]["timed_calls"] == 3 and rec["host"]["cpu"]
+
+    report = {"images": 4, "jpeg_sizes": "320-500 px", "batch_size": 2, "image_size": 32, "epochs": 3, "rounds": 1,
+              "rows": [{"num_workers": 0, "grain": {"steady_images_per_s": 3.0, "first_epoch_s": 1.0},
+                        "torch": {"steady_images_per_s": 2.0, "first_epoch_s": 2.0}}]}
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: report)
+    assert pipeline.main(["--rounds", "1", "--results-dir", str(tmp_path), "--results-tag", "t"]) == 0
+    rec = json.loads((tmp_path / "pipeline-t.json").read_text())
+    assert rec["rows"][0]["grain/torch"] == 1.5
+    assert rec["command"].startswith("python -m benchmarks.pipeline --rounds 1")
