@@ -172,7 +172,8 @@ def caption(rec: dict[str, Any]) -> str:
              f"- **Command**: `{rec['command']}`{conditions}",
              f"- **Versions**: {v}" if v else "",
              f"- **Measured**: {settings['measured']}" if settings.get("measured") else "",
-             f"- **Recorded**: {rec['date'] or 'date not recorded'}" + (f". {rec['note']}" if rec.get("note") else "")]
+             (f"- **Recorded**: {rec['date']}" + (f". {rec['note']}" if rec.get("note") else "")) if rec.get("date")
+             else f"- **Note**: {rec.get('note') or 'no date recorded'}"]
     return "\n".join(line for line in lines if line)
 
 
