@@ -345,6 +345,35 @@ def test_changed_flags_refused_unless_allowed_and_outputs_get_the_umask_mode(tmp
     assert kept_steps(wd)[-1] == 2 and '"lr": 0.002' in (wd / "run.json").read_text()
 
 
+def test_run_trains_evaluates_and_checkpoints_where_its_schedule_says(tmp_path, capsys):
+    """The loop and its reader follow one Schedule: a run stopped mid-epoch and resumed evaluates every second
+    epoch and at each end, and checkpoints every 2 steps and after each stretch, at the schedule's positions."""
+    import orbax.checkpoint as ocp
+
+    from train.metrics import read_metrics
+    from train.schedule import Position, Schedule
+
+    folder = write_folder(tmp_path / "data", per_class=6)  # 15 training images: 3 steps of 4 an epoch
+    wd = tmp_path / "wd"
+    flags = ["--eval-every-epochs", "2", "--checkpoint-every", "2", "--keep-checkpoints", "20"]
+    for max_steps in (4, 8):  # the second run resumes at step 4, mid-epoch 1
+        code, _, err = train_cli(capsys, *SMALL, *flags, "--data-dir", folder, "--max-steps", max_steps,
+                                 "--workdir", wd)
+        assert code == 0, err
+    runs = [(Schedule(3, 4, 2, 2), Position()), (Schedule(3, 8, 2, 2), Position(4, 1, 1))]
+    plan = [(s, sched) for sched, start in runs for s in sched.stretches(start)]
+    evals = [(r["step"], r["epoch"]) for r in read_metrics(wd / "metrics.jsonl") if "val_top1" in r]
+    assert evals == [(s.end.step, s.reported_epoch) for s, _ in plan if s.evaluate] == [(4, 2), (6, 2), (8, 3)]
+    positions = {s.end.step: s.end for s, _ in plan}
+    positions.update({step: s.position_after(step - s.start_step) for s, sched in plan
+                      for step in range(s.start_step + 1, s.end.step) if sched.checkpoints_within(s, step)})
+    assert kept_steps(wd) == sorted(positions) == [2, 3, 4, 6, 8]
+    with ocp.CheckpointManager(wd / "checkpoints") as m:
+        for step, want in positions.items():
+            meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            assert Position(meta["step"], meta["epoch"], meta["batch"]) == want, step
+
+
 # ------------------------------------------------------------------------------------------------ bad values
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from typing import Any
@@ -88,45 +89,41 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch {cfg.batch_size}, "
             f"{spe} steps/epoch, {total_steps} steps, peak lr {optim.lr:g}")
 
-        # The loop: epochs of steps; metrics every --log-every steps, checkpoints every --checkpoint-every
-        # steps and at each epoch end, evaluation every --eval-every-epochs epochs and at the end.
-        step, epoch, start_batch = int(position["step"]), int(position["epoch"]), int(position["batch"])
-        skipped = int(position.get("skipped_images", 0))
+        # The loop: the schedule's stretches of steps (to each epoch end and the last step); metrics every
+        # --log-every steps, checkpoints every --checkpoint-every steps and after each stretch, evaluations
+        # where the schedule puts them (every --eval-every-epochs epochs and at the end).
+        schedule = Schedule(spe, total_steps, cfg.eval_every_epochs, cfg.checkpoint_every)
+        start = Position(int(position["step"]), int(position["epoch"]), int(position["batch"]))
+        step, skipped = start.step, int(position.get("skipped_images", 0))
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
-        num_epochs = math.ceil(total_steps / spe)
-        # One reader for every epoch and evaluation of the run: its workers start once and read ahead.
-        schedule = Schedule(spe, total_steps, cfg.eval_every_epochs)
-        data = RunData(splits, schedule.segments(Position(step, epoch, start_batch)), image_size=cfg.image_size,
-                       **reader)
+        # One reader for every epoch and evaluation of the same schedule: its workers start once and read ahead.
+        data = RunData(splits, schedule.segments(start), image_size=cfg.image_size, **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
-        while epoch < num_epochs and step < total_steps:
-            batch_idx = start_batch
-            for batch, n_bad in prefetch(data.train(epoch, start_batch), batch_sharding):
+        for stretch in schedule.stretches(start):
+            epoch, done = stretch.train.epoch, 0
+            for batch, n_bad in prefetch(data.train(epoch, stretch.train.start), batch_sharding):
                 state, step_metrics = train_step(state, batch)
-                step, batch_idx, skipped = step + 1, batch_idx + 1, skipped + n_bad
+                done, skipped = done + 1, skipped + n_bad
+                step = stretch.start_step + done
                 train_log.add(step_metrics)
                 progress.step_queued(step, step_metrics)
-                save_now = step % cfg.checkpoint_every == 0 and batch_idx < spe and step < total_steps
+                save_now = schedule.checkpoints_within(stretch, step)
                 if step % cfg.log_every == 0 or save_now:  # checks the state about to be saved
                     check_finite(train_log.flush(step, epoch, skipped), step, ckpts)
                 if save_now:
-                    ckpts.save(step, state, {"step": step, "epoch": epoch, "batch": batch_idx,
+                    ckpts.save(step, state, {**dataclasses.asdict(stretch.position_after(done)),
                                              "skipped_images": skipped, "metrics": last_eval})
-                if step >= total_steps:
-                    break
+            if done != stretch.num_batches:
+                raise RuntimeError(f"the data ended after {done} of the {stretch.num_batches} batches of {stretch}")
             check_finite(train_log.flush(step, epoch, skipped), step, ckpts)
-            if batch_idx >= spe:  # a whole epoch; otherwise --max-steps stopped it part-way
-                epoch, start_batch = epoch + 1, 0
-            else:
-                start_batch = batch_idx
-            if (start_batch == 0 and epoch % cfg.eval_every_epochs == 0) or step >= total_steps:
+            if stretch.evaluate:
                 last_eval = evaluate(eval_step, state, data.val(), batch_sharding)
                 check_finite_eval(last_eval, step, ckpts)
                 if last_eval:
-                    metrics.write({"step": step, "epoch": epoch + (start_batch > 0), **last_eval})
-                    log(f"epoch {epoch + (start_batch > 0)}/{num_epochs} step {step}: {format_eval(last_eval)}")
-            ckpts.save(step, state, {"step": step, "epoch": epoch, "batch": start_batch, "skipped_images": skipped,
+                    metrics.write({"step": step, "epoch": stretch.reported_epoch, **last_eval})
+                    log(f"epoch {stretch.reported_epoch}/{schedule.num_epochs} step {step}: {format_eval(last_eval)}")
+            ckpts.save(step, state, {**dataclasses.asdict(stretch.end), "skipped_images": skipped,
                                      "metrics": last_eval},
                        metrics={"val_top1": last_eval["val_top1"]} if last_eval else None, force=True)
         progress.close()
