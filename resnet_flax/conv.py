@@ -30,7 +30,7 @@ Policy = Literal["auto", "xla", "matmul", "matmul_grads"]
 
 # jaxlib 0.10's XLA:CPU sends convolutions (and reductions) to YNNPACK by default; its weight-gradient
 # convolutions are very slow and its forward ones slower than XLA's Eigen path on the machines measured
-# (benchmarks/README.md). Training keeps YNNPACK for the BatchNorm reductions only; inference uses none.
+# (`python -m benchmarks --levers`; docs/performance.md). Training keeps YNNPACK for the BatchNorm reductions only; inference uses none.
 # Process-wide equivalents: XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce (training) or =
 # (inference). Other backends get no options.
 CPU_TRAIN_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
@@ -76,7 +76,7 @@ def cpu_compiler_options(options: dict[str, Any]) -> dict[str, Any] | None:
 
 def cpu_form(in_size: int, in_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
              dilation: int = 1, groups: int = 1) -> Form:
-    """The fastest form of this square NHWC convolution on XLA:CPU (per-shape table in benchmarks/README.md).
+    """The fastest form of this square NHWC convolution on XLA:CPU (per-shape timings: `python -m benchmarks.convs`).
 
     - "matmul_grads" for grouped spatial convolutions (ResNeXt): XLA's forward is the fastest form at every
       map size, but its gradients are 20-40x slower than the group-batched matmul's, so the forward stays

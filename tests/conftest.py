@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
-# Rows printed at the end of the run (the README's parity table comes from here).
+# Rows printed at the end of the run (docs/parity.md's table comes from here).
 PARITY_ROWS: list[str] = []
 
 
