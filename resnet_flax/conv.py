@@ -30,7 +30,8 @@ Policy = Literal["auto", "xla", "matmul", "matmul_grads"]
 
 # jaxlib 0.10's XLA:CPU sends convolutions (and reductions) to YNNPACK by default; its weight-gradient
 # convolutions are very slow and its forward ones slower than XLA's Eigen path on the machines measured
-# (`python -m benchmarks --levers`; docs/performance.md). Training keeps YNNPACK for the BatchNorm reductions only; inference uses none.
+# (`python -m benchmarks --levers`; docs/performance.md). Training keeps YNNPACK for the BatchNorm reductions
+# only; inference uses none.
 # Process-wide equivalents: XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce (training) or =
 # (inference). Other backends get no options.
 CPU_TRAIN_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
