@@ -1,7 +1,8 @@
 """``python -m train --compile-only``: the real run's steps compiled for TPU topologies, without a TPU.
 
 The two compiles (one host, four hosts) run side by side in children, the way users run them; each takes
-about a minute of CPU. Without libtpu (the ``tpu`` extra) they are skipped, except in CI, which installs it.
+about a minute of CPU, so a test run compiles them once (:func:`reports`), whichever xdist workers its tests
+land on. Without libtpu (the ``tpu`` extra) they are skipped, except in CI, which installs it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from train.tpu_sizing import (
     out_of_memory,
 )
 
-pytestmark = pytest.mark.xdist_group("tpu_compile")  # one worker compiles the topologies once
+# The tests that share the compiles go to one worker (``--dist loadgroup``); :func:`reports` does not rely on it.
+tpu_compile = pytest.mark.xdist_group("tpu_compile")
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -44,21 +46,51 @@ def compile_only(*args: str, workdir: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+def _run_dir(tmp_path_factory) -> Path:
+    """This test run's temporary folder, shared by its xdist workers (each worker's own sits inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _dir(case: str) -> str:
+    return case.replace(" ", "_")
+
+
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    procs = {name: (compile_only("--topology", topo, "--batch-size", str(batch),
-                                 workdir=tmp_path_factory.mktemp(name.replace(" ", "_"))))
-             for name, (topo, _, _, batch) in CASES.items()}
+    """Each case's compile_only.json, stdout and stderr, compiled once per test run.
+
+    ``--dist loadgroup`` would keep the tests that use this on one worker, but pytest-xdist 3.8 stopped
+    grouping on pytest 9.2 (it marks the group by rewriting ``item._nodeid``, which pytest no longer reads:
+    pytest-dev/pytest-xdist#1386), and each worker then built this fixture, compiling both cases again. So
+    the first worker to get here compiles, under a lock in the run's shared folder, and leaves the results
+    there; the others wait on the lock and read them.
+    """
+    import fcntl
+
+    shared = _run_dir(tmp_path_factory) / "tpu_compile"
+    shared.mkdir(exist_ok=True)
+    results = shared / "results.json"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not results.exists():
+            procs = {name: compile_only("--topology", topo, "--batch-size", str(batch), workdir=shared / _dir(name))
+                     for name, (topo, _, _, batch) in CASES.items()}
+            done = {}
+            for name, proc in procs.items():
+                stdout, stderr = proc.communicate(timeout=3600)  # ~80 s on 2 idle cores; far longer when shared
+                done[name] = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr,
+                              "compiled_by": os.environ.get("PYTEST_XDIST_WORKER", "main")}
+            results.write_text(json.dumps(done))
     out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=3600)  # ~80 s on 2 idle cores; far longer when shared
-        assert proc.returncode == 0, stderr[-3000:]
-        workdir = Path(proc.args[proc.args.index("--workdir") + 1])
-        out[name] = (json.loads((workdir / "compile_only.json").read_text()), stdout, stderr)
+    for name, r in json.loads(results.read_text()).items():
+        assert r["returncode"] == 0, r["stderr"][-3000:]
+        out[name] = (json.loads((shared / _dir(name) / "compile_only.json").read_text()), r["stdout"], r["stderr"])
     return out
 
 
 @needs_libtpu
+@tpu_compile
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_step_is_what_the_design_intends(reports, case):
     report, stdout, stderr = reports[case]
@@ -92,6 +124,7 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
 
 
 @needs_libtpu
+@tpu_compile
 def test_a_batch_that_does_not_fit_exits_2_naming_the_largest_that_does(reports, tmp_path):
     """The search with real compiles, kept small: the one-host case on a v5e with one byte less HBM than its
     batch needs. (At 64 px a device's memory is flat below ~8 images, XLA's tiles: measured 177.95 MB at 1
