@@ -1,8 +1,9 @@
 """``python -m train --compile-only``: the real run's steps compiled for TPU topologies, without a TPU.
 
 The two compiles (one host, four hosts) run side by side in children, the way users run them; each takes
-about a minute of CPU, so a test run compiles them once (:func:`reports`), whichever xdist workers its tests
-land on. Without libtpu (the ``tpu`` extra) they are skipped, except in CI, which installs it.
+about a minute of CPU, so they are in the slow tier (``--slow``) and a test run compiles them once
+(:func:`reports`), whichever xdist workers its tests land on. Without libtpu (the ``tpu`` extra) they are
+skipped, except in CI, which installs it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ from train.tpu_sizing import (
     out_of_memory,
 )
 
-# The tests that share the compiles go to one worker (``--dist loadgroup``); :func:`reports` does not rely on it.
-tpu_compile = pytest.mark.xdist_group("tpu_compile")
-
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not os.environ.get("CI"),
@@ -37,6 +35,12 @@ needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not os.environ.get("CI"),
 RESNET18_BATCHNORMS = 20  # bn1, 2 per basic block x 8, 3 downsample
 # (topology, devices, hosts, global batch): 16 images a device, so the optimizer's per-parameter FLOPs stay small
 CASES = {"one host": ("v5e:2x2", 4, 1, 64), "four hosts": ("v5e:4x4", 16, 4, 256)}
+
+
+def tpu_compile(test):
+    """The slow tier's TPU compiles; the tests sharing them go to one worker (``--dist loadgroup``), though
+    :func:`reports` does not rely on it."""
+    return pytest.mark.slow(pytest.mark.xdist_group("tpu_compile")(test))
 
 
 def compile_only(*args: str, workdir: Path) -> subprocess.Popen:
