@@ -162,6 +162,91 @@ def test_ctrl_c_with_worker_processes_stops_in_one_line_leaving_nothing_behind(f
     assert (wd / "checkpoints" / "2").is_dir()
 
 
+def descendants(pid: int) -> set[int]:
+    """Every living process started by ``pid``, its children's children included (read from /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += list(kids - found)
+            found |= kids
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie has finished)."""
+    living = set()
+    for p in pids:
+        try:
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                living.add(p)
+        except OSError:
+            pass
+    return living
+
+
+def wait_for_step(proc: subprocess.Popen, wd: Path, step: int, timeout: float = 300) -> None:
+    """Until the run has logged ``step`` in metrics.jsonl (with --log-every 1)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if step in losses(wd) if (wd / "metrics.jsonl").exists() else False:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(folder, tmp_path):
+    """Preemption: SIGTERM mid-epoch finishes the step in flight, writes a checkpoint at it, says so in one line,
+    exits 75, and ends its worker processes; the rerun ends where an uninterrupted run ends."""
+    args = [*with_workers(SMALL, 2), "--data-dir", folder, "--max-steps", "12", "--checkpoint-every", "100",
+            "--log-every", "1"]
+    ref = cli(*args, "--workdir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    wd = tmp_path / "preempted"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--workdir", str(wd)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, wd, 5)
+    workers = descendants(proc.pid)
+    assert workers, "no worker processes were started"
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    exit_seconds = time.time() - sent
+    assert proc.returncode == 75 and "leaked" not in err, err
+    stopped = int(err.strip().splitlines()[-1].split("preempted at step ")[1].split(":")[0])
+    assert err.strip().splitlines()[-1] == (f"preempted at step {stopped}: checkpoint written; rerun the same "
+                                            "command to resume"), err
+    assert 5 <= stopped < 12 and (wd / "checkpoints" / str(stopped)).is_dir()
+    assert alive(workers) == set(), "worker processes outlived the run"
+    print(f"SIGTERM to exit: {exit_seconds:.1f} s (stopped at step {stopped})")
+    resumed = cli(*args, "--workdir", wd)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    assert losses(wd) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6)
+    a, b = final_params(wd), final_params(tmp_path / "ref")
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
+
+
+def test_sigkill_leaves_no_worker_process_behind(folder, tmp_path):
+    """Worker processes die with the run even when it cannot clean up (SIGKILL), instead of living on with ppid 1."""
+    wd = tmp_path / "wd"
+    args = [*with_workers(SMALL, 2), "--data-dir", folder, "--max-steps", "200", "--log-every", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--workdir", str(wd)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step(proc, wd, 2)
+    workers = descendants(proc.pid)
+    assert workers, "no worker processes were started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert alive(workers) == set(), "worker processes outlived a SIGKILLed run"
+
+
 def reordering_noise(perms: list[np.ndarray]) -> float:
     """Largest final-parameter change from reordering each batch's examples: the same maths summed in another order.
 

@@ -303,6 +303,19 @@ def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsy
     assert code == 2 and len(err) == 1 and "run.json" in err[0], err
 
 
+def test_a_checkpoint_whose_weights_give_a_nonfinite_loss_is_not_kept_as_good(tmp_path, capsys):
+    """lr 1e37: step 1's update leaves finite weights of ~1e37 (saved with --checkpoint-every 1) whose loss at
+    step 2 is not finite. The step-1 checkpoint must not stay behind as "the last good checkpoint"."""
+    folder = write_folder(tmp_path / "data", per_class=6)
+    args = [a if a != "1e-3" else "1e37" for a in SMALL]
+    code, _, err = train_cli(capsys, *args, "--data-dir", folder, "--max-steps", "4", "--checkpoint-every", "1",
+                             "--log-every", "1", "--workdir", tmp_path / "wd")
+    assert code == 1 and len(err) == 1 and "loss became non-finite" in err[0], err
+    bad = int(err[0].split("at step ")[1].split(";")[0])
+    assert f"checkpoint of step {bad - 1}, whose weights gave it, was removed" in err[0], err
+    assert kept_steps(tmp_path / "wd") == list(range(1, bad - 1))[-3:]
+
+
 def test_nonfinite_validation_loss_stops_without_saving(tmp_path, capsys):
     # AdamW moves every weight by about lr in its first step: 1e37 keeps the weights finite (checked in the
     # step) but makes every activation overflow, so the final evaluation's loss is NaN.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a temporary stop; rerunning the same command resumes
+
 
 def main(argv: list[str] | None = None) -> int:
     from train.config import parse_config
@@ -18,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     leave_out_absent_tpu()
     from resnet_flax.errors import WeightsError
-    from train.errors import CheckpointWriteError, DataError, NonFiniteLoss, RunError, WorkdirError
+    from train.errors import CheckpointWriteError, DataError, NonFiniteLoss, Preempted, RunError, WorkdirError
     from train.lock import workdir_lock
     from train.loop import run
 
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         # Multi-host runs share the workdir across machines, where a lock file would be shared too: unlocked.
         with contextlib.nullcontext() if cfg.distributed else workdir_lock(cfg.workdir):
             run(cfg)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PREEMPTED
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -116,6 +116,14 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); "
                                "delete it to use an earlier one, or start afresh in a new --workdir") from None
 
+    def discard_from(self, step: int) -> list[int]:
+        """Delete the checkpoints of ``step`` and later (weights found to be bad); returns their steps."""
+        self.wait()
+        gone = [s for s in self.manager.all_steps() if s >= step]
+        for s in gone:
+            self.manager.delete(s)
+        return gone
+
     def wait(self) -> None:
         """Block until any asynchronous save has been committed (:class:`CheckpointWriteError` if it failed)."""
         with self._write_errors():

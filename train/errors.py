@@ -28,3 +28,11 @@ class CheckpointWriteError(OSError):
 
 class WorkdirError(Exception):
     """The workdir cannot be used (busy, not writable); the message is one line naming the fix."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM after a checkpoint; rerunning the same command resumes it."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted at step {step}: checkpoint written; rerun the same command to resume")
+        self.step = step

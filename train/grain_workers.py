@@ -4,9 +4,12 @@ marked parsed, Ctrl-C left to the main process, shared memory freed on time, the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 
@@ -32,12 +35,27 @@ def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
     _mark_absl_flags_parsed()
     per_worker = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
     return per_worker.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                  worker_init_fn=_init_worker)
+                                  worker_init_fn=functools.partial(_init_worker, parent=os.getpid()))
 
 
-def _init_worker(worker_index: int, worker_count: int) -> None:
-    """Workers leave Ctrl-C to the main process (which stops them and frees their buffers in order) and print
-    the training package's warnings as the main process does: the message alone."""
+def _die_with(parent: int, interval: float = 0.5) -> None:
+    """End this worker within ``interval`` seconds of its parent's death, however the parent dies (SIGKILL, the
+    OOM killer): otherwise the workers live on with ppid 1, each holding its copy of the dataset.
+
+    A watchdog thread, not prctl(PR_SET_PDEATHSIG): that signal follows the parent *thread* that started the
+    worker (one of grain's pool threads), which ends before the workers have freed their shared memory."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _init_worker(worker_index: int, worker_count: int, parent: int) -> None:
+    """Workers die with the main process, leave Ctrl-C to it (it stops them and frees their buffers in order)
+    and print the training package's warnings as it does: the message alone."""
+    _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -11,12 +11,13 @@ import jax
 
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
-from train.errors import NonFiniteLoss, RunError
+from train.errors import NonFiniteLoss, Preempted, RunError
 from train.evaluate import evaluate, format_eval
 from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
 from train.pipeline import RunData, steps_per_epoch
+from train.preemption import PreemptionWatch
 from train.progress import Progress, log
 from train.run_file import RUN_FILE, check_same_run, describe_changes, write_run_file
 from train.schedule import Position, Schedule, Segment
@@ -64,13 +65,14 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     progress = data = None
     reader = {"batch_size": cfg.batch_size, "seed": cfg.seed, "num_workers": cfg.num_workers,
               "process_index": jax.process_index(), "process_count": jax.process_count()}
+    watch = None if cfg.eval_only else PreemptionWatch()  # SIGTERM from here on: stop after a step, checkpointed
     try:
         if cfg.eval_only:
             crop, resize = cfg.image_size, None
             if cfg.init_from and cfg.image_size == TrainConfig.image_size:  # the weights' own eval transform
-                import convert
+                from resnet_flax.loading import eval_settings
 
-                t = convert.eval_settings(cfg.init_from)[1]
+                t = eval_settings(cfg.init_from)[1]
                 crop, resize = t.crop_size, t.resize_size
                 log(f"evaluating as the weights file records: resize {resize}, centre crop {crop}")
             data = RunData(splits, [Segment("val")], image_size=crop, resize_size=resize, **reader)
@@ -109,11 +111,16 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 train_log.add(step_metrics)
                 progress.step_queued(step, step_metrics)
                 save_now = schedule.checkpoints_within(stretch, step)
-                if step % cfg.log_every == 0 or save_now:  # checks the state about to be saved
+                # SIGTERM: the last batch of a stretch is asked after its evaluation and checkpoint, below.
+                preempted = done < stretch.num_batches and watch.reached(step)
+                if step % cfg.log_every == 0 or save_now or preempted:  # checks the state about to be saved
                     check_finite(train_log.flush(step, epoch, skipped), step, ckpts)
-                if save_now:
+                if save_now or preempted:
                     ckpts.save(step, state, {**dataclasses.asdict(stretch.position_after(done)),
-                                             "skipped_images": skipped, "metrics": last_eval})
+                                             "skipped_images": skipped, "metrics": last_eval}, force=preempted)
+                if preempted:
+                    ckpts.wait()
+                    raise Preempted(step)
             if done != stretch.num_batches:
                 raise RuntimeError(f"the data ended after {done} of the {stretch.num_batches} batches of {stretch}")
             check_finite(train_log.flush(step, epoch, skipped), step, ckpts)
@@ -126,6 +133,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             ckpts.save(step, state, {**dataclasses.asdict(stretch.end), "skipped_images": skipped,
                                      "metrics": last_eval},
                        metrics={"val_top1": last_eval["val_top1"]} if last_eval else None, force=True)
+            if step < total_steps and watch.reached(step):
+                ckpts.wait()
+                raise Preempted(step)
         progress.close()
         if skipped:
             log(f"skipped {skipped} unreadable training image(s); see the warnings above")
@@ -133,6 +143,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         log(f"done: {step} steps; checkpoints in {ckpts.directory}" + (f" (best: step {best})" if best else ""))
         return last_eval
     finally:
+        if watch is not None:
+            watch.close()
         if data is not None:
             data.close()
         if progress is not None:
@@ -152,11 +164,16 @@ def check_finite(host_metrics: list[dict[str, Any]], step: int, ckpts: Checkpoin
     """Stop once a step's loss or the state it produced (weights, BN statistics) is NaN or infinite."""
     first = step - len(host_metrics) + 1
     for i, m in enumerate(host_metrics):
-        if not bool(m["state_finite"]) or not math.isfinite(float(m["train_loss"])):
-            what = "loss" if not math.isfinite(float(m["train_loss"])) else "weights"
-            raise NonFiniteLoss(f"the training {what} became non-finite (NaN/inf) at step {first + i}; stopped "
-                                f"without saving it. {_kept(ckpts)}; lower --lr or raise --warmup-steps, then "
-                                "rerun to resume from it")
+        loss_finite = math.isfinite(float(m["train_loss"]))
+        if not bool(m["state_finite"]) or not loss_finite:
+            bad = first + i
+            # A non-finite loss at step s came from the weights after step s-1: a checkpoint of those is no good.
+            removed = ckpts.discard_from(bad if loss_finite else bad - 1)
+            what = "weights" if loss_finite else "loss"
+            gone = f" The checkpoint of step {removed[0]}, whose weights gave it, was removed." if removed else ""
+            raise NonFiniteLoss(f"the training {what} became non-finite (NaN/inf) at step {bad}; stopped "
+                                f"without saving it.{gone} {_kept(ckpts)}; lower --lr or raise --warmup-steps, "
+                                "then rerun to resume from it")
 
 
 def check_finite_eval(result: dict[str, float], step: int, ckpts: Checkpoints) -> None:
