@@ -329,10 +329,49 @@ def test_fine_tune_from_pytorch_weights_and_eval_only(folder, tmp_path):
                "--workdir", tmp_path / "ft")
     assert more.returncode == 0, more.stderr
     assert "resumed from" in more.stdout and max(losses(tmp_path / "ft")) > 0 and 3 in losses(tmp_path / "ft")
-    ev = cli(*args, "--data-dir", folder, "--init-from", tmp_path / "r18.pth", "--eval-only",
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18_3.pth")  # its head is used
+    ev = cli(*args, "--data-dir", folder, "--init-from", tmp_path / "r18_3.pth", "--eval-only",
              "--workdir", tmp_path / "ev")
     assert ev.returncode == 0, ev.stderr
-    assert "top-1" in ev.stdout and "val loss" in ev.stdout
+    (result,) = read_metrics(tmp_path / "ev" / "metrics.jsonl")
+    expected = torchvision_eval(tmp_path / "r18_3.pth", folder, crop=32)
+    assert result["val_examples"] == expected["val_examples"] and result["val_top1"] == expected["val_top1"]
+    assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-4)
+    assert f"top-1 {expected['val_top1']:.2f}%" in ev.stdout
+
+
+def torchvision_eval(weights: Path, folder: Path, crop: int) -> dict[str, float]:
+    """What --eval-only must report, computed by torchvision on the run's validation split: its resize
+    (crop * 256 / 224) and centre crop, the model in eval mode, mean cross-entropy and top-1 over readable images."""
+    import io
+
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    from train.sources import load_splits
+
+    model = torchvision.models.resnet18(num_classes=3)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    tf = T.Compose([T.Resize(crop * 256 // 224), T.CenterCrop(crop), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    val = load_splits(data_dir=folder).val
+    images, labels = [], []
+    for i in range(len(val)):
+        example = val[i]
+        data = example["image"]
+        try:
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data)
+            images.append(tf(img.convert("RGB")))
+        except OSError:
+            continue  # unreadable: left out of the evaluation, as the run does
+        labels.append(int(example["label"]))
+    with torch.no_grad():
+        logits = model(torch.stack(images))
+    y = torch.tensor(labels)
+    return {"val_examples": len(labels), "val_loss": float(torch.nn.functional.cross_entropy(logits, y)),
+            "val_top1": 100.0 * float((logits.argmax(-1) == y).float().mean())}
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
