@@ -525,6 +525,7 @@ def test_timm_checkpoint_converts_with_no_flags(tmp_path, capsys, name):
     assert all(torch.equal(back[k], v) for k, v in sd.items())
 
 
+@pytest.mark.slow
 def test_timm_checkpoint_cli_verify_and_back(tmp_path):
     """python -m convert itself, with --verify against timm, then back to a .pth timm loads strictly."""
     tm = small_timm()

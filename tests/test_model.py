@@ -203,6 +203,7 @@ def test_masked_examples_do_not_move_batchnorm_statistics():
         np.testing.assert_allclose(a, b, rtol=2 * np.finfo(np.float32).eps, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "resnet10t"])  # resnet10t: BatchNorms in the deep stem and shortcuts
 def test_masked_examples_do_not_move_a_train_step(arch):
     """Through the model and train.steps: a batch with masked placeholders trains as its clean examples do."""

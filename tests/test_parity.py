@@ -20,6 +20,14 @@ from resnet_flax.registry import list_models
 
 ALL_ARCHS = resnet_flax.list_models()  # torchvision's, then timm's (the reference model is timm's for those)
 EVAL_TOL = 1e-5
+# The slow tier: the architectures that only add depth or width to one the fast tier runs.
+DEEP = {"resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+        "resnet101d", "resnet152d", "resnet50", "resnext50_32x4d", "seresnext50_32x4d"}
+
+
+def tiered(names: list[str]) -> list:
+    """``names`` as parameters, those in DEEP marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in names]
 
 
 def _eval_input(name: str) -> torch.Tensor:
@@ -28,7 +36,7 @@ def _eval_input(name: str) -> torch.Tensor:
     return torch.randn(2, 3, 64, width, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name", ALL_ARCHS)
+@pytest.mark.parametrize("name", tiered(ALL_ARCHS))
 def test_eval_parity(name):
     tmodel = torch_model_with_bn_state(name)
     model = convert.build_model(convert.from_state_dict(tmodel.state_dict()))
@@ -76,8 +84,8 @@ def _torch_train_step(tmodel, x, y):
 # identity pool in layer1's shortcut) and seresnext50_32x4d (SE gates with grouped convs) put every new module
 # through train mode (stem BatchNorms' statistics, the pool's and the gate's gradients); the other seven add only
 # depth, which the eval test covers.
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "resnet18d", "resnet14t",
-                                  "seresnext50_32x4d"])
+@pytest.mark.parametrize("name", tiered(["resnet18", "resnet50", "resnext50_32x4d", "resnet18d", "resnet14t",
+                                         "seresnext50_32x4d"]))
 def test_train_step_parity(name):
     tmodel = torch_model_with_bn_state(name, num_classes=10)
     model = convert.build_model(convert.from_state_dict(tmodel.state_dict()))
@@ -133,6 +141,7 @@ def test_converted_model_does_not_alias_torch_buffers():
     np.testing.assert_array_equal(np.asarray(model.bn1.mean[...]), before)
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_through_cli(tmp_path):
     """A model trained a few steps in PyTorch, saved, converted by the CLI: same predictions."""
     torch.manual_seed(0)

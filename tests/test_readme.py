@@ -57,6 +57,7 @@ def test_install_and_test_commands_match_the_project():
     assert TEST_COMMAND in ci, "the README's test command is not what .ci/run runs"
 
 
+@pytest.mark.slow
 def test_readme_runs_top_to_bottom(tmp_path, monkeypatch):
     """Each block in order; what a block writes is what the next ones read (checkpoint, dataset, workdir)."""
     import resnet_flax

@@ -349,6 +349,7 @@ def test_small_crafted_files_refused_with_little_memory(tmp_path):
     assert growth_mb < 32, (growth_mb, proc.stdout)
 
 
+@pytest.mark.slow
 def test_tampered_header_refused_in_one_line(tmp_path, r18_sd):
     from safetensors.numpy import load_file, save_file
 

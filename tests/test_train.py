@@ -62,6 +62,7 @@ def losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in read_metrics(workdir / "metrics.jsonl") if "train_loss" in r}
 
 
+@pytest.mark.slow
 def test_learns_on_image_folder_and_predicts(folder, tmp_path, capsys):
     wd = tmp_path / "wd"
     code = train_main([*SMALL, "--data-dir", str(folder), "--epochs", "6", "--log-every", "1",
@@ -91,6 +92,7 @@ def test_learns_on_image_folder_and_predicts(folder, tmp_path, capsys):
     assert lines[0] == str(photo) and lines[1].split()[1] == "green" and len(lines) == 4  # 3 classes
 
 
+@pytest.mark.slow
 def test_tfds_mock_data(tmp_path, capsys):
     import tensorflow_datasets as tfds
 
@@ -104,6 +106,7 @@ def test_tfds_mock_data(tmp_path, capsys):
     assert run["class_names"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(folder, tmp_path):
     args = [*SMALL, "--data-dir", folder, "--max-steps", "12", "--checkpoint-every", "2", "--log-every", "1"]
     # The reference reads through worker processes (the default), the killed and resumed runs in-process: the
@@ -137,6 +140,7 @@ def test_sigkill_and_resume_equals_uninterrupted(folder, tmp_path):
     assert worst <= 1e-6, worst
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_worker_processes_stops_in_one_line_leaving_nothing_behind(folder, tmp_path):
     """The default reader (worker processes): Ctrl-C mid-run ends in one line, exit 130, no leaked semaphores or
     shared memory (Python's resource tracker would print "leaked ..." into the run's stderr), and the checkpoint
@@ -199,6 +203,7 @@ def wait_for_step(proc: subprocess.Popen, wd: Path, step: int, timeout: float = 
     raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(folder, tmp_path):
     """Preemption: SIGTERM mid-epoch finishes the step in flight, writes a checkpoint at it, says so in one line,
     exits 75, and ends its worker processes; the rerun ends where an uninterrupted run ends."""
@@ -230,6 +235,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(fol
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_worker_process_behind(folder, tmp_path):
     """Worker processes die with the run even when it cannot clean up (SIGKILL), instead of living on with ppid 1."""
     wd = tmp_path / "wd"
@@ -280,6 +286,7 @@ def reordering_noise(perms: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(final(p) - ref))) for p in perms)
 
 
+@pytest.mark.slow
 def test_two_devices_equal_one(tmp_path):
     args = [*SMALL, "--dataset", "synthetic", "--batch-size", "8", "--max-steps", "3", "--log-every", "1"]
     one = cli(*args, "--workdir", tmp_path / "one")
@@ -300,6 +307,7 @@ def test_two_devices_equal_one(tmp_path):
     assert diff <= 3 * noise, (diff, noise)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
     wd = tmp_path / "wd"
     args = [a if a != "1e-3" else "1e12" for a in SMALL]
@@ -313,6 +321,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
     assert steps and max(steps) <= max(good)
 
 
+@pytest.mark.slow
 def test_fine_tune_from_pytorch_weights_and_eval_only(folder, tmp_path):
     import torch
     import torchvision
@@ -392,6 +401,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert flag in help_text
 
 
+@pytest.mark.slow
 def test_timm_variant_trains_and_evaluates_a_timm_checkpoint(folder, tmp_path, capsys):
     """--arch takes timm's names; --init-from takes a timm checkpoint of one (structure read off the tensors)."""
     import timm

@@ -255,6 +255,7 @@ def nan_workdir(tmp_path_factory):
     return code, wd, folder, [line for line in stderr.getvalue().splitlines() if line.startswith("error")]
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("nan_workdir")  # one worker builds the shared NaN run
 def test_nan_stop_keeps_only_good_checkpoints_and_predict_uses_them(nan_workdir, capsys):
     code, wd, folder, err = nan_workdir
@@ -267,6 +268,7 @@ def test_nan_stop_keeps_only_good_checkpoints_and_predict_uses_them(nan_workdir,
     assert code == 0 and "nan%" not in out and "%" in out, err
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("nan_workdir")  # one worker builds the shared NaN run
 def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsys, tmp_path):
     import shutil
@@ -303,6 +305,7 @@ def test_damaged_or_nonfinite_checkpoints_refused_in_one_line(nan_workdir, capsy
     assert code == 2 and len(err) == 1 and "run.json" in err[0], err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_weights_give_a_nonfinite_loss_is_not_kept_as_good(tmp_path, capsys):
     """lr 1e37: step 1's update leaves finite weights of ~1e37 (saved with --checkpoint-every 1) whose loss at
     step 2 is not finite. The step-1 checkpoint must not stay behind as "the last good checkpoint"."""
@@ -316,6 +319,7 @@ def test_a_checkpoint_whose_weights_give_a_nonfinite_loss_is_not_kept_as_good(tm
     assert kept_steps(tmp_path / "wd") == list(range(1, bad - 1))[-3:]
 
 
+@pytest.mark.slow
 def test_nonfinite_validation_loss_stops_without_saving(tmp_path, capsys):
     # AdamW moves every weight by about lr in its first step: 1e37 keeps the weights finite (checked in the
     # step) but makes every activation overflow, so the final evaluation's loss is NaN.
@@ -329,6 +333,7 @@ def test_nonfinite_validation_loss_stops_without_saving(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ resume rules
 
 
+@pytest.mark.slow
 def test_changed_flags_refused_unless_allowed_and_outputs_get_the_umask_mode(tmp_path, capsys):
     folder = write_folder(tmp_path / "data", per_class=6)
     wd = tmp_path / "wd"
@@ -358,6 +363,7 @@ def test_changed_flags_refused_unless_allowed_and_outputs_get_the_umask_mode(tmp
     assert kept_steps(wd)[-1] == 2 and '"lr": 0.002' in (wd / "run.json").read_text()
 
 
+@pytest.mark.slow
 def test_run_trains_evaluates_and_checkpoints_where_its_schedule_says(tmp_path, capsys):
     """The loop and its reader follow one Schedule: a run stopped mid-epoch and resumed evaluates every second
     epoch and at each end, and checkpoints every 2 steps and after each stretch, at the schedule's positions."""
@@ -416,6 +422,7 @@ def test_default_batch_larger_than_the_folder_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ full disk
 
 
+@pytest.mark.slow
 def test_full_disk_while_checkpointing_one_line_and_the_earlier_checkpoint_survives(tmp_path, capsys):
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
