@@ -331,30 +331,26 @@ def test_write_errors_one_line(tmp_path, capsys, r18, monkeypatch, err, after_by
     assert list(outdir.iterdir()) == []
 
 
-def test_real_full_disk(tmp_path, r18):
-    """A 1 MiB tmpfs (in a mount namespace) fills while the 45 MB file is written: one line, nothing left."""
+def convert_onto_tmpfs(tmp_path: Path, r18, options: str) -> tuple[int, list[str], list[str]]:
+    """``python -m convert`` writing onto a tmpfs mounted with ``options`` in a mount namespace (a real mount
+    gives real ENOSPC/EROFS, which root's file modes would not): (exit code, stderr lines, what the tmpfs holds
+    afterwards)."""
     torch.save(r18.state_dict(), tmp_path / "a.pth")
-    full = tmp_path / "full"
-    full.mkdir()
-    script = (f"mount -t tmpfs -o size=1m none {full} || exit 9; {sys.executable} -m convert {tmp_path / 'a.pth'} "
-              f"--out {full / 'a.flax.safetensors'}; rc=$?; echo LEFT; ls -A {full}; exit $rc")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o {options} none {mnt} || exit 9; {sys.executable} -m convert {tmp_path / 'a.pth'} "
+              f"--out {mnt / 'a.flax.safetensors'}; rc=$?; echo LEFT; ls -A {mnt}; exit $rc")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
-    assert proc.stdout.split("LEFT")[-1].split() == []  # what the tmpfs holds afterwards: nothing
+    return proc.returncode, proc.stderr.strip().splitlines(), proc.stdout.split("LEFT")[-1].split()
 
 
-def test_real_read_only_folder(tmp_path, r18):
-    """A read-only file system (a tmpfs mounted read-only in a mount namespace: root ignores file modes)."""
-    torch.save(r18.state_dict(), tmp_path / "a.pth")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    script = (f"mount -t tmpfs -o ro none {ro} && exec {sys.executable} -m convert {tmp_path / 'a.pth'} "
-              f"--out {ro / 'a.flax.safetensors'}")
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and "Read-only file system" in lines[0], proc.stderr
-    assert list(ro.iterdir()) == [] and files_in(tmp_path) == {"a.pth", "ro"}
+@pytest.mark.parametrize("options,reason", [("size=1m", "No space left on device"), ("ro", "Read-only file system")],
+                         ids=["full_disk", "read_only"])
+def test_real_full_or_read_only_file_system(tmp_path, r18, options, reason):
+    """A 1 MiB tmpfs fills while the 45 MB file is written; a read-only one refuses it: one line, nothing left."""
+    code, lines, left = convert_onto_tmpfs(tmp_path, r18, options)
+    assert code == 2 and len(lines) == 1 and reason in lines[0], lines
+    assert left == [] and files_in(tmp_path) == {"a.pth", "mnt"}
 
 
 def test_verify_finds_a_mapping_error_and_writes_nothing(tmp_path, capsys, r18, monkeypatch):
