@@ -138,3 +138,16 @@ def test_predict_top_k_below_one_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "x.png"), "--checkpoint", str(tmp_path), "--top-k", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--top-k 0" in err[0] and "at least 1" in err[0]
+
+
+def test_the_training_log_imports_no_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (about 2 s of a run's start); the run's log does not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, pathlib; from train.metrics import MetricsLog; "
+            f"MetricsLog(pathlib.Path({str(tmp_path)!r})).close(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "False" and list((tmp_path / "tb").iterdir())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,21 @@ from resnet_flax.atomic import atomic_write
 from train.progress import Progress
 
 
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is installed
+    (2.4 s) only to accept torch tensors, and this log writes floats. torch stays importable afterwards."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # an ImportError for tensorboardX's optional `import torch`
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """Append-only JSON lines (one object per logged step or evaluation) mirrored to TensorBoard."""
 
@@ -24,9 +40,7 @@ class MetricsLog:
         self.enabled = enabled
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(workdir / "tb"))
+            self._tb = _summary_writer()(str(workdir / "tb"))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: after a resume they describe work that is being redone."""
