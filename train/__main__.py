@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Multi-host runs share the workdir across machines, where a lock file would be shared too: unlocked.
-        with contextlib.nullcontext() if cfg.distributed else workdir_lock(cfg.workdir):
+        with contextlib.nullcontext() if cfg.multi_host else workdir_lock(cfg.workdir):
             run(cfg)
     except Preempted as e:
         print(str(e), file=sys.stderr)

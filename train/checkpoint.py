@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from resnet_flax.errors import first_line
 from train.errors import CheckpointError, CheckpointWriteError
-from train.steps import TrainState, all_finite
+from train.steps import TrainState
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -98,7 +99,7 @@ class Checkpoints:
         except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, OSError, ... on damaged files
             raise CheckpointError(f"checkpoint {where} cannot be read ({first_line(e)}); delete it to resume from "
                                "an earlier one, or start afresh in a new --workdir") from None
-        if not bool(all_finite(restored.state.params, restored.state.batch_stats)):
+        if not _finite_here(restored.state.params, restored.state.batch_stats):
             raise CheckpointError(f"checkpoint {where} holds non-finite (NaN/inf) weights; delete it to use an "
                                "earlier one, or start afresh in a new --workdir")
         return restored.state, restored.meta
@@ -159,6 +160,12 @@ def _reason(e: BaseException) -> str:
         return os.strerror(e.errno)
     code = re.search(r"os_error_code='?(\d+)", str(e))
     return os.strerror(int(code.group(1))) if code else first_line(e)
+
+
+def _finite_here(*trees: Any) -> bool:
+    """Whether every value is finite, read from this process's first copy of each (replicated) array: a jitted
+    reduction over a multi-host mesh's arrays would need every host, and each host holds all the values."""
+    return all(bool(np.isfinite(np.asarray(x.addressable_data(0))).all()) for x in jax.tree.leaves(trees))
 
 
 def _restore_target(x) -> jax.ShapeDtypeStruct:

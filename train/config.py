@@ -94,8 +94,15 @@ class TrainConfig:
     keep_checkpoints: int = flag(3, "keep the last K checkpoints (plus the best by validation top-1)", "run",
                                  metavar="K", minimum=1)
     eval_every_epochs: int = flag(1, "evaluate every N epochs (and after the last)", "run", metavar="N", minimum=1)
-    distributed: bool = flag(False, "multi-host: call jax.distributed.initialize() (TPU pods, SLURM/GPU clusters)",
-                             "run")
+    distributed: bool = flag(False, "multi-host: call jax.distributed.initialize(), which finds the hosts itself on "
+                                    "TPU pods and SLURM/Kubernetes clusters", "run")
+    coordinator: str | None = flag(None, "multi-host by hand: HOST:PORT of process 0, with --num-processes and "
+                                         "--process-id (e.g. several processes on one machine)", "run",
+                                   metavar="HOST:PORT")
+    num_processes: int | None = flag(None, "multi-host by hand: how many processes take part", "run", metavar="N",
+                                     minimum=1)
+    process_id: int | None = flag(None, "multi-host by hand: this process's index, 0 .. N-1", "run", metavar="I",
+                                  minimum=0)
     progress: bool = flag(True, "no progress bar", "run")
     # sizing for a TPU, without one
     compile_only: bool = flag(False, "compile the run's train/eval steps for --topology and print memory per chip vs "
@@ -108,6 +115,11 @@ class TrainConfig:
         for name in ("workdir", "data_dir", "tfds_data_dir", "init_from"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, Path(getattr(self, name)))
+
+    @property
+    def multi_host(self) -> bool:
+        """Whether the run calls ``jax.distributed.initialize`` (detected hosts, or the three flags)."""
+        return self.distributed or self.coordinator is not None
 
     @property
     def resolved_arch(self) -> str:
@@ -166,6 +178,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             p.error(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: {problem}")
     if cfg.compile_only != (cfg.topology is not None):
         p.error("--compile-only and --topology NAME go together (e.g. --compile-only --topology v5e:2x4)")
+    by_hand = (cfg.coordinator, cfg.num_processes, cfg.process_id)
+    if any(v is not None for v in by_hand) and any(v is None for v in by_hand):
+        p.error("--coordinator HOST:PORT, --num-processes N and --process-id I go together")
+    if cfg.process_id is not None and cfg.process_id >= cfg.num_processes:
+        p.error(f"--process-id {cfg.process_id}: must be below --num-processes {cfg.num_processes}")
     if cfg.eval_only and cfg.init_from is None and not (cfg.workdir / "checkpoints").is_dir():
         p.error("--eval-only needs --init-from PATH or a --workdir with checkpoints")
     return cfg

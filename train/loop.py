@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from typing import Any
 
@@ -27,8 +28,8 @@ from train.steps import OptimConfig, build_steps
 
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Train (or evaluate with ``cfg.eval_only``); returns the last evaluation's metrics."""
-    if cfg.distributed:
-        jax.distributed.initialize()
+    if cfg.multi_host:
+        start_hosts(cfg)
     splits = load_splits(cfg.dataset, cfg.data_dir, str(cfg.tfds_data_dir) if cfg.tfds_data_dir else None,
                          val_fraction=cfg.val_fraction)
     replicated, batch_sharding = make_mesh()
@@ -84,7 +85,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         if changed:
             log(f"resuming with changed flags (--allow-changed-flags; recorded in {RUN_FILE}): "
                 f"{describe_changes(changed)}")
-        write_run_file(cfg, model_config, splits.class_names, changed, int(position["step"]))
+        if jax.process_index() == 0:
+            write_run_file(cfg, model_config, splits.class_names, changed, int(position["step"]))
         metrics.truncate_after(int(position["step"]))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
             f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "
@@ -158,6 +160,16 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 plot_curves(cfg.workdir / "metrics.jsonl", cfg.workdir / "curves.png")
             except OSError as e:  # a full or read-only disk: the run's own outcome is what gets reported
                 print(f"warning: cannot write {cfg.workdir / 'curves.png'} ({e.strerror or e})", file=sys.stderr)
+
+
+def start_hosts(cfg: TrainConfig) -> None:
+    """Join the run's other processes: found by JAX on TPU pods and SLURM/Kubernetes, or named by the flags.
+
+    CPU processes exchange their collectives through Gloo (JAX's CPU default has no cross-process transport)."""
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                               process_id=cfg.process_id)
 
 
 def check_finite(host_metrics: list[dict[str, Any]], step: int, ckpts: Checkpoints) -> None:
