@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import signal
@@ -81,11 +82,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _sigterm_is_default() -> bool:
+    """Whether SIGTERM still has its default action, asked of the C library too: a handler installed outside
+    Python (JAX's preemption notifier, on multi-host runs) looks like SIG_DFL to ``signal.getsignal``, and
+    setting SIG_DFL back afterwards would silently remove it."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        action = ctypes.create_string_buffer(256)  # struct sigaction; sa_handler is its first member
+        if libc.sigaction(signal.SIGTERM, None, action) != 0:
+            return True
+    except (OSError, AttributeError):  # no C library to ask: Python's view is all there is
+        return True
+    return ctypes.c_void_p.from_buffer(action).value in (None, 0)  # SIG_DFL is 0
+
+
 @contextlib.contextmanager
 def _cleanup_on_sigterm():
     """Turn SIGTERM into an exception while writing, so ``finally`` removes the temporary file."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if threading.current_thread() is not threading.main_thread() or not _sigterm_is_default():
         yield
         return
 

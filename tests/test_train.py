@@ -364,6 +364,26 @@ def test_two_processes_equal_one_and_share_checkpoints_both_ways(tmp_path, reord
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_host_stops_both_after_the_same_step(tmp_path):
+    """Preemption on a pod: SIGTERM reaches one host; JAX's preemption sync point stops every host after the same
+    step, with one checkpoint, exit 75; rerunning both resumes from it."""
+    wd = tmp_path / "wd"
+    args = [*SMALL, "--dataset", "synthetic", "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "100",
+            "--workdir", wd]
+    procs = start_processes([*args, "--max-steps", "500"])
+    wait_for_step(procs[0], wd, 3)
+    procs[0].send_signal(signal.SIGTERM)
+    results = finish(procs, timeout=300)
+    assert [code for code, _, _ in results] == [75, 75], results
+    stopped = {int(err.split("preempted at step ")[1].split(":")[0]) for _, _, err in results}
+    assert len(stopped) == 1, stopped  # the same step on both hosts
+    (step,) = stopped
+    assert (wd / "checkpoints" / str(step)).is_dir()
+    (c0, out0, err0), (c1, _, err1) = finish(start_processes([*args, "--max-steps", str(step + 2)]))
+    assert c0 == 0 and c1 == 0 and f"at step {step}" in out0, err0 + err1
+
+
+@pytest.mark.slow
 def test_a_killed_host_stops_the_other_and_a_rerun_resumes(tmp_path):
     """SIGKILL one of two processes mid-run: the other exits (JAX's heartbeat timeout, 100 s) instead of hanging
     in the next collective, and rerunning both resumes from the last checkpoint."""
