@@ -103,6 +103,8 @@ class TrainConfig:
                                      minimum=1)
     process_id: int | None = flag(None, "multi-host by hand: this process's index, 0 .. N-1", "run", metavar="I",
                                   minimum=0)
+    host_timeout: int = flag(100, "multi-host: seconds without a heartbeat after which the other hosts give up on "
+                                  "a host and exit (JAX's heartbeat timeout)", "run", metavar="S", minimum=1)
     progress: bool = flag(True, "no progress bar", "run")
     # sizing for a TPU, without one
     compile_only: bool = flag(False, "compile the run's train/eval steps for --topology and print memory per chip vs "

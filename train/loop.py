@@ -169,7 +169,7 @@ def start_hosts(cfg: TrainConfig) -> None:
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
-                               process_id=cfg.process_id)
+                               process_id=cfg.process_id, heartbeat_timeout_seconds=cfg.host_timeout)
 
 
 def check_finite(host_metrics: list[dict[str, Any]], step: int, ckpts: Checkpoints) -> None:
