@@ -226,6 +226,9 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(fol
     assert err.strip().splitlines()[-1] == (f"preempted at step {stopped}: checkpoint written; rerun the same "
                                             "command to resume"), err
     assert 5 <= stopped < 12 and (wd / "checkpoints" / str(stopped)).is_dir()
+    deadline = time.time() + 5  # workers and the resource tracker finish exiting just after the run does
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.05)
     assert alive(workers) == set(), "worker processes outlived the run"
     print(f"SIGTERM to exit: {exit_seconds:.1f} s (stopped at step {stopped})")
     resumed = cli(*args, "--workdir", wd)
