@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.platforms import leave_out_absent_tpu
 
     leave_out_absent_tpu()
+    _redeliver_interrupts()
     from resnet_flax.errors import WeightsError
     from train.errors import CheckpointWriteError, DataError, NonFiniteLoss, Preempted, RunError, WorkdirError
     from train.lock import workdir_lock
@@ -42,9 +43,33 @@ def main(argv: list[str] | None = None) -> int:
               "fix permissions, then rerun to resume from the last checkpoint", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _drop_leftovers_of_interrupted_work()
         print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0
+
+
+def _redeliver_interrupts(hook=sys.unraisablehook) -> None:
+    """A Ctrl-C that lands in a garbage-collection callback would be printed and swallowed, and the run would go
+    on: deliver it to the main thread again instead."""
+    import _thread
+
+    def unraisable(u) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            _thread.interrupt_main()
+        else:
+            hook(u)
+
+    sys.unraisablehook = unraisable
+
+
+def _drop_leftovers_of_interrupted_work() -> None:
+    """Ctrl-C can land inside an asynchronous checkpoint save; the half-built event loop and unawaited coroutines
+    it leaves would print tracebacks when collected. The run is over and its last finished checkpoint is kept."""
+    import warnings
+
+    sys.unraisablehook = lambda unraisable: None
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 if __name__ == "__main__":  # grain's worker processes are spawned: keep the entry point guarded
