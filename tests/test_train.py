@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -519,3 +520,27 @@ def test_timm_variant_trains_and_evaluates_a_timm_checkpoint(folder, tmp_path, c
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "top-1" in out
+
+
+@pytest.mark.slow
+def test_a_resume_and_an_evaluation_compile_nothing_twice(folder, tmp_path):
+    """With a compilation cache, everything a run compiles is kept: resuming it (the same command after a crash)
+    and evaluating its checkpoint add no entry (each entry is a program compiled anew; every program is cached,
+    however quick to compile)."""
+    cache, wd = tmp_path / "cache", tmp_path / "wd"
+    args = [*SMALL, "--arch", "resnet10t", "--data-dir", folder, "--epochs", "2", "--compile-cache", cache,
+            "--workdir", wd]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+
+    def entries() -> list[str]:
+        return sorted(p.name for p in cache.rglob("*-cache"))
+
+    compiled = entries()
+    assert any(name.startswith("jit_train_step-") for name in compiled), compiled
+    shutil.rmtree(wd / "checkpoints" / str(max(int(p.name) for p in (wd / "checkpoints").iterdir())))
+    for extra in ([], ["--eval-only"]):  # as after a crash in the second epoch; then an evaluation
+        again = cli(*args, *extra)
+        assert again.returncode == 0, again.stderr
+        assert entries() == compiled, extra
+        assert extra or "resumed from" in again.stdout, again.stdout

@@ -151,3 +151,44 @@ def test_the_training_log_imports_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "False" and list((tmp_path / "tb").iterdir())
+
+
+@pytest.fixture
+def restore_compile_cache():
+    """Put this process's compilation cache settings back after a test that changes them."""
+    import jax
+
+    from train import compile_cache
+
+    saved = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_compilation_cache_max_size",
+                                              "jax_persistent_cache_min_compile_time_secs")}
+    yield compile_cache
+    compile_cache._use(saved.pop("jax_compilation_cache_dir"))
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_compile_cache_folder_per_cpu_private_and_refused_when_others_can_write(tmp_path, capsys,
+                                                                               restore_compile_cache):
+    import jax
+
+    cc = restore_compile_cache
+    key = cc.host_key()
+    assert len(key) == 16 and key == cc.host_key()
+    used = cc.enable(tmp_path / "cache")
+    assert used == tmp_path / "cache" / key and jax.config.jax_compilation_cache_dir == str(used)
+    assert used.stat().st_mode & 0o777 == 0o700
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert cc.enable("off") is None and jax.config.jax_compilation_cache_dir is None
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert cc.enable(shared) is None and jax.config.jax_compilation_cache_dir is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{shared} is writable by other users" in err[0], err
+
+    (tmp_path / "file").write_text("")
+    assert cc.enable(tmp_path / "file") is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no compilation cache"), err

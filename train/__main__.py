@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
 
     leave_out_absent_tpu()
     _redeliver_interrupts()
+    from train.compile_cache import enable
+
+    enable(cfg.compile_cache)
     from resnet_flax.errors import WeightsError
     from train.errors import CheckpointWriteError, DataError, NonFiniteLoss, Preempted, RunError, WorkdirError
     from train.lock import workdir_lock

@@ -106,6 +106,10 @@ class TrainConfig:
     host_timeout: int = flag(100, "multi-host: seconds without a heartbeat after which the other hosts give up on "
                                   "a host and exit (JAX's heartbeat timeout)", "run", metavar="S", minimum=1)
     progress: bool = flag(True, "no progress bar", "run")
+    compile_cache: str | None = flag(None, "keep compiled XLA programs in DIR so that a rerun, a resume or an "
+                                           "evaluation compiles nothing twice; 'off' to compile from scratch", "run",
+                                     metavar="DIR", default_text="$JAX_COMPILATION_CACHE_DIR, else "
+                                                                 "~/.cache/resnet_flax/xla")
     # sizing for a TPU, without one
     compile_only: bool = flag(False, "compile the run's train/eval steps for --topology and print memory per chip vs "
                                      "HBM, FLOPs, the roofline images/s and the collectives; trains nothing (needs "

@@ -16,6 +16,7 @@ from resnet_flax.errors import WeightsError, first_line
 from resnet_flax.fuse import inference_fn
 from resnet_flax.model import ResNet, ResNetConfig
 from resnet_flax.weights import EvalTransform
+from train import compile_cache
 from train.errors import CheckpointError, DataError
 from train.platforms import leave_out_absent_tpu
 from train.run_file import RUN_FILE
@@ -98,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5, help="how many classes to print")
     p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
                                                   "records, or 224)")
+    p.add_argument("--compile-cache", metavar="DIR", help="where compiled programs are kept (default: as for "
+                                                           "python -m train); 'off' to compile from scratch")
     args = p.parse_args(argv)
     if args.top_k < 1:
         print(f"error: --top-k {args.top_k}: give at least 1 (how many classes to print for each image)",
               file=sys.stderr)
         return 2
     leave_out_absent_tpu()
+    compile_cache.enable(args.compile_cache)
     try:
         for path in args.images:
             if not path.is_file():
