@@ -18,18 +18,18 @@ GROUPS = ("model", "data", "optimisation", "run", "tpu sizing")
 
 def flag(default: Any, help: str, group: str, *, metavar: str | None = None, choices: list[str] | None = None,
          default_text: str | None = None, minimum: float | None = None, above: float | None = None,
-         below: float | None = None, on_resume: str | None = None) -> Any:
+         below: float | None = None, maximum: float | None = None, on_resume: str | None = None) -> Any:
     """A :class:`TrainConfig` field with its command-line flag: ``--name-with-dashes`` (``--no-name`` if True).
 
     The help gains "(default: X)" unless the default is None, a bool, or ``default_text`` already says it.
-    ``minimum`` (inclusive), ``above`` and ``below`` (exclusive) bound a number. ``on_resume`` says what a
-    rerun of a workdir may do with the flag: "free" (change it; the default in the run group), "compare"
+    ``minimum``, ``maximum`` (inclusive), ``above`` and ``below`` (exclusive) bound a number. ``on_resume``
+    says what a rerun of a workdir may do with the flag: "free" (change it; the default in the run group), "compare"
     (change it only with --allow-changed-flags; the default elsewhere) or "fixed" (never: the checkpoint's
     structure depends on it).
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "group": group, "metavar": metavar, "choices": choices, "default_text": default_text,
-        "minimum": minimum, "above": above, "below": below,
+        "minimum": minimum, "above": above, "below": below, "maximum": maximum,
         "on_resume": on_resume or ("free" if group == "run" else "compare")})
 
 
@@ -59,6 +59,18 @@ class TrainConfig:
                            "data", metavar="PX", minimum=1)
     num_workers: int = flag(2, "data loader processes per host (0: in the main process)", "data", metavar="N",
                             minimum=0, on_resume="free")
+    auto_augment: str | None = flag(None, "torchvision's automatic augmentation after the crop and flip: ta_wide "
+                                          "(TrivialAugmentWide), ra (RandAugment), imagenet/cifar10/svhn "
+                                          "(AutoAugment's policies)", "data", choices=["ta_wide", "ra", "imagenet",
+                                                                                       "cifar10", "svhn"])
+    ra_magnitude: int = flag(9, "RandAugment's magnitude bin (of 31) for --auto-augment ra", "data", metavar="M",
+                             minimum=0, maximum=30)
+    random_erase: float = flag(0.0, "probability of torchvision's RandomErasing (a random box set to 0 after "
+                                    "normalisation)", "data", metavar="P", minimum=0, maximum=1)
+    mixup_alpha: float = flag(0.0, "mixup's Beta(alpha, alpha) (torchvision.transforms.v2.MixUp; with "
+                                   "--cutmix-alpha one of the two per batch); 0: off", "data", metavar="X", minimum=0)
+    cutmix_alpha: float = flag(0.0, "cutmix's Beta(alpha, alpha) (torchvision.transforms.v2.CutMix); 0: off", "data",
+                               metavar="X", minimum=0)
     # optimisation
     batch_size: int = flag(128, "global batch size, split over all devices and hosts", "optimisation", metavar="N",
                            minimum=1)
@@ -207,4 +219,6 @@ def _out_of_range(value: Any, m: typing.Mapping[str, Any]) -> str | None:
         return f"must be at least {lo}" + (f" and below {hi}" if hi is not None else "")
     if hi is not None and value >= hi:
         return f"must be below {hi}" + (f" (and at least {lo})" if lo is not None else "")
+    if m.get("maximum") is not None and value > m["maximum"]:
+        return f"must be at most {m['maximum']}" + (f" (and at least {lo})" if lo is not None else "")
     return None

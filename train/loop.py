@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from train.augment import Augment
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
 from train.errors import NonFiniteLoss, Preempted, RunError
@@ -101,7 +102,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         step, skipped = start.step, int(position.get("skipped_images", 0))
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
         # One reader for every epoch and evaluation of the same schedule: its workers start once and read ahead.
-        data = RunData(splits, schedule.segments(start), image_size=cfg.image_size, **reader)
+        data = RunData(splits, schedule.segments(start), image_size=cfg.image_size, augment=Augment.for_run(cfg),
+                       **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
         for stretch in schedule.stretches(start):

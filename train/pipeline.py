@@ -8,7 +8,8 @@ segments of a run's :class:`~train.schedule.Schedule` through one grain iterator
 
 Batches are ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": float32 [b], "corrupt": int32 [b]}``:
 ``mask`` is 0 for eval padding and unreadable images, ``corrupt`` is 1 only for unreadable images (sum it to
-count skips).
+count skips). Training batches of uint8 images with random erasing on add ``"erase": int32 [b, 4]``, each
+example's (top, left, h, w) box for the step to zero after normalising (``train.mixing.erase_boxes``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from resnet_flax.errors import first_line
 from train import grain_workers
+from train.augment import Augment, erase
 from train.errors import DataError
 from train.schedule import Segment
 from train.sources import IN_MEMORY_LIMIT, BytesSource, Source, Splits, in_memory
@@ -48,7 +50,10 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, train: bool = Tru
 class ExampleLoader:
     """Per-example decode + augment, a picklable grain map: index -> example dict (padding/corrupt masked).
 
-    Images are uint8 unless ``normalize`` (then float32 ``ToTensor`` + ``Normalize`` on the host).
+    Images are uint8 unless ``normalize`` (then float32 ``ToTensor`` + ``Normalize`` on the host). Training
+    examples get ``augment``'s policy after the crop and flip and its erase box, drawn in that order from the
+    example's generator (torchvision's order): the box ships as ``"erase"`` with uint8 images and is zeroed
+    here in float32 ones.
     """
 
     source: Source
@@ -59,6 +64,7 @@ class ExampleLoader:
     epoch: int
     resize_size: int | None = None
     normalize: bool = True
+    augment: Augment | None = None
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         if index >= self.num_examples:
@@ -67,25 +73,44 @@ class ExampleLoader:
         try:
             record = self.source[index]
             image = open_image(record["image"])
+            box = None
             if self.train:
-                pixels = train_crop(image, self.image_size, example_rng(self.seed, self.epoch, index))
+                rng = example_rng(self.seed, self.epoch, index)
+                pixels = train_crop(image, self.image_size, rng)
+                if self.augment is not None:
+                    pixels = self.augment.image(pixels, rng)
+                    if self._erasing:
+                        box = self.augment.erase_box(self.image_size, self.image_size, rng)
             else:
                 pixels = eval_crop(image, self.image_size, self.resize_size)
             label = int(record["label"])
         except Exception as e:
             logger.warning("skipping unreadable image %s: %s", _describe(record, index), first_line(e))
             return self._blank(corrupt=1)
-        return {"image": normalize(pixels) if self.normalize else pixels, "label": np.int32(label),
-                "mask": np.float32(1.0), "corrupt": np.int32(0)}
+        example = {"image": normalize(pixels) if self.normalize else pixels, "label": np.int32(label),
+                   "mask": np.float32(1.0), "corrupt": np.int32(0)}
+        if box is not None and self.normalize:
+            example["image"] = erase(example["image"], box)
+        elif box is not None:
+            example["erase"] = box
+        return example
+
+    @property
+    def _erasing(self) -> bool:
+        """Whether training examples get a random-erasing box."""
+        return self.train and self.augment is not None and self.augment.random_erase > 0
 
     def _blank(self, corrupt: int) -> dict[str, np.ndarray]:
         """An all-zero, masked-out example (eval padding when ``corrupt=0``, unreadable image when 1)."""
-        return {
+        blank = {
             "image": np.zeros((self.image_size, self.image_size, 3), np.float32 if self.normalize else np.uint8),
             "label": np.int32(0),
             "mask": np.float32(0.0),
             "corrupt": np.int32(corrupt),
         }
+        if self._erasing and not self.normalize:
+            blank["erase"] = np.zeros(4, np.int32)
+        return blank
 
 
 def _describe(record: dict[str, Any], index: int) -> str:
@@ -122,6 +147,7 @@ def make_loader(
     process_count: int = 1,
     resize_size: int | None = None,
     normalize: bool = True,
+    augment: Augment | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this host's batches (``batch_size`` is global), starting at global batch ``start_batch``.
 
@@ -139,6 +165,7 @@ def make_loader(
         process_count=process_count,
         resize_size=resize_size,
         normalize=normalize,
+        augment=augment,
     )
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
@@ -160,6 +187,7 @@ def build_epoch_dataset(
     process_count: int = 1,
     resize_size: int | None = None,
     normalize: bool = True,
+    augment: Augment | None = None,
 ) -> grain.MapDataset:
     """Lazy MapDataset of this host's sub-batches for one epoch; ``ds[k]`` is its share of global batch k."""
     local_batch = _local_batch_size(batch_size, process_index, process_count)
@@ -176,7 +204,7 @@ def build_epoch_dataset(
     else:
         indices = grain.MapDataset.range(num_batches * batch_size)  # indices >= num_examples are padding
     examples = indices.map(ExampleLoader(source, num_examples, image_size, train, seed, epoch, resize_size,
-                                         normalize))
+                                         normalize, augment))
     return examples.batch(local_batch, drop_remainder=False)[process_index::process_count]
 
 
@@ -193,15 +221,15 @@ class RunData:
     NORMALIZE = False  # uint8 to the devices: 4x fewer bytes moved than float32
 
     @classmethod
-    def padding_example(cls, image_size: int) -> dict[str, np.ndarray]:
+    def padding_example(cls, image_size: int, augment: Augment | None = None) -> dict[str, np.ndarray]:
         """One (masked-out) example exactly as this class's batches hold it: the steps' input shapes and dtypes."""
-        return ExampleLoader(None, 0, image_size, True, 0, 0, normalize=cls.NORMALIZE)(0)
+        return ExampleLoader(None, 0, image_size, True, 0, 0, normalize=cls.NORMALIZE, augment=augment)(0)
 
     def __init__(self, splits: Splits, segments: Sequence[Segment], *, batch_size: int, image_size: int,
                  seed: int, num_workers: int = 0, process_index: int = 0, process_count: int = 1,
-                 resize_size: int | None = None) -> None:
+                 resize_size: int | None = None, augment: Augment | None = None) -> None:
         common = {"batch_size": batch_size, "image_size": image_size, "seed": seed, "normalize": self.NORMALIZE,
-                  "process_index": process_index, "process_count": process_count}
+                  "process_index": process_index, "process_count": process_count, "augment": augment}
         train_source = in_memory(splits.train) if any(s.kind == "train" for s in segments) else splits.train
         parts, self._pending = [], []
         val = None

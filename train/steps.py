@@ -20,6 +20,7 @@ from flax import nnx
 from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
 from train.config import TrainConfig
+from train.mixing import erase_boxes, mix_batch, mix_key
 from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Batch = dict[str, jax.Array]
@@ -50,6 +51,9 @@ class OptimConfig:
     momentum: float = TrainConfig.momentum
     nesterov: bool = TrainConfig.nesterov
     label_smoothing: float = TrainConfig.label_smoothing
+    mixup_alpha: float = TrainConfig.mixup_alpha
+    cutmix_alpha: float = TrainConfig.cutmix_alpha
+    seed: int = TrainConfig.seed  # the mixing draws': one key per (seed, step)
 
     @classmethod
     def for_run(cls, cfg: TrainConfig, total_steps: int) -> OptimConfig:
@@ -57,7 +61,8 @@ class OptimConfig:
         return cls(total_steps=total_steps, optimizer=cfg.optimizer,
                    lr=scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr,
                    warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                   nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing)
+                   nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha,
+                   cutmix_alpha=cfg.cutmix_alpha, seed=cfg.seed)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
@@ -104,6 +109,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smooth
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy with [batch, classes] probability targets, smoothed as torch's ``label_smoothing``
+    smooths them (``targets * (1 - s) + s / classes``)."""
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, smoothing) if smoothing else targets)
+
+
 def normalize_images(images: jax.Array, mask: jax.Array) -> jax.Array:
     """uint8 images -> float32 ``ToTensor`` + ``Normalize`` (ImageNet mean/std) on the device, masked-out
     examples zeroed (as the host transform's blanks); float images are taken as already normalised."""
@@ -131,22 +142,34 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
     batch. Masked-out examples (unreadable images) are excluded from the loss and the BatchNorm statistics.
     ``state_finite`` checks the state this step returns (the one a checkpoint would save), not just the loss
-    computed before the update.
+    computed before the update. Random erasing's boxes (``batch["erase"]``) and mixup/cutmix apply after the
+    normalisation, in torchvision's order; with mixing, the targets are soft and top-1 counts their argmax.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
     def loss_fn(model):
-        logits = model(normalize_images(batch["image"], batch["mask"]), batch["mask"])
-        ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
-        return _masked_mean(ce, batch["mask"]), logits
+        images = normalize_images(batch["image"], batch["mask"])
+        if "erase" in batch:
+            images = erase_boxes(images, batch["erase"])
+        if not mixing:
+            logits = model(images, batch["mask"])
+            ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
+            return _masked_mean(ce, batch["mask"]), (logits, batch["label"])
+        targets = jax.nn.one_hot(batch["label"], model.fc.out_features)
+        images, targets = mix_batch(mix_key(cfg.seed, state.step), images, targets, batch["mask"], cfg.mixup_alpha,
+                                    cfg.cutmix_alpha)
+        logits = model(images, batch["mask"])
+        ce = soft_cross_entropy(logits, targets, cfg.label_smoothing)
+        return _masked_mean(ce, batch["mask"]), (logits, jnp.argmax(targets, -1))
 
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)  # grads w.r.t. nnx.Param
+    (loss, (logits, labels)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)  # grads w.r.t. nnx.Param
     batch_stats = nnx.state(model, nnx.BatchStat)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train_loss": loss,
-        "train_top1": _masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), batch["mask"]),
+        "train_top1": _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), batch["mask"]),
         "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(cfg)(state.step),
         "state_finite": all_finite(params, batch_stats),
