@@ -27,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     from train.errors import CheckpointWriteError, DataError, NonFiniteLoss, Preempted, RunError, WorkdirError
     from train.lock import workdir_lock
     from train.loop import run
+    from train.storage import is_url
 
+    if is_url(cfg.workdir):
+        print(f"note: --workdir {cfg.workdir} is not locked (a bucket has no file locks); run one command per "
+              "workdir", file=sys.stderr)
     try:
         # Multi-host runs share the workdir across machines, where a lock file would be shared too: unlocked.
-        with contextlib.nullcontext() if cfg.multi_host else workdir_lock(cfg.workdir):
+        with contextlib.nullcontext() if cfg.multi_host or is_url(cfg.workdir) else workdir_lock(cfg.workdir):
             run(cfg)
     except Preempted as e:
         print(str(e), file=sys.stderr)

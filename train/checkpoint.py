@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from resnet_flax.errors import first_line
 from train.errors import CheckpointError, CheckpointWriteError
 from train.steps import TrainState
+from train.storage import AnyPath, as_path, is_url
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -54,8 +54,9 @@ _quiet_late_write_callbacks()
 class Checkpoints:
     """``workdir/checkpoints``: save/restore ``TrainState`` with a JSON ``meta`` (epoch, position, metrics)."""
 
-    def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(self, workdir: str | AnyPath, keep: int = 3, async_save: bool = True):
+        workdir = as_path(workdir)
+        self.directory = (workdir if is_url(workdir) else workdir.absolute()) / "checkpoints"
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
             policies.BestN(get_metric_fn=lambda m: m["val_top1"], n=1, keep_checkpoints_without_metrics=False),
@@ -151,7 +152,11 @@ class Checkpoints:
     def remove_partial(self) -> None:
         """Delete the temporary directories of checkpoints whose write failed (they may fill the disk)."""
         for p in self.directory.glob(f"*{TMP_SUFFIX}*"):
-            shutil.rmtree(p, ignore_errors=True)
+            if is_url(p):
+                with contextlib.suppress(OSError):
+                    p.rmtree()
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _reason(e: BaseException) -> str:

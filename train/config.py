@@ -11,6 +11,7 @@ from typing import Any
 
 from resnet_flax.layers import COMPUTE_DTYPES
 from resnet_flax.registry import ARCHS
+from train.storage import AnyPath, StorageError, as_path
 
 DEFAULT_ARCH = "resnet34"
 GROUPS = ("model", "data", "optimisation", "run", "tpu sizing")
@@ -40,19 +41,19 @@ class TrainConfig:
     # model
     arch: str | None = flag(None, "architecture: " + ", ".join(ARCHS), "model", metavar="NAME", choices=list(ARCHS),
                             default_text=f"{DEFAULT_ARCH}, or that of --init-from", on_resume="fixed")
-    init_from: Path | None = flag(None, "start from weights: a PyTorch .pth/.pt/.safetensors/TorchScript file or a "
-                                        "converted .flax.safetensors; a head of another size is re-initialised",
-                                  "model", metavar="PATH")
+    init_from: AnyPath | None = flag(None, "start from weights: a PyTorch .pth/.pt/.safetensors/TorchScript file or "
+                                           "a converted .flax.safetensors (a path or a URL); a head of another size "
+                                           "is re-initialised", "model", metavar="PATH")
     dtype: str = flag("float32", "compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs", "model",
                       choices=list(COMPUTE_DTYPES))
     zero_init_residual: bool = flag(False, "zero the last BN scale of each block", "model")
     # data
     dataset: str = flag("tf_flowers", "TFDS name (tf_flowers, imagenette, imagenet2012, cifar10, ...) or "
                                       "'synthetic'", "data", metavar="NAME")
-    data_dir: Path | None = flag(None, "a folder of images with one sub-folder per class (overrides --dataset)",
-                                 "data", metavar="PATH")
-    tfds_data_dir: Path | None = flag(None, "where TFDS keeps prepared datasets", "data", metavar="PATH",
-                                      on_resume="free")
+    data_dir: AnyPath | None = flag(None, "a folder of images with one sub-folder per class (overrides --dataset); "
+                                          "a path or a URL (gs://...)", "data", metavar="PATH")
+    tfds_data_dir: AnyPath | None = flag(None, "where TFDS keeps prepared datasets (a path or a URL)", "data",
+                                         metavar="PATH", on_resume="free")
     val_fraction: float = flag(0.2, "held-out fraction when the data has no validation split", "data", metavar="X",
                                minimum=0, below=1)
     image_size: int = flag(224, "training crop size; evaluation resizes to PX*256/224 then centre-crops PX",
@@ -93,8 +94,8 @@ class TrainConfig:
                                   minimum=0, below=1)
     seed: int = flag(0, "seed for init, shuffling, augmentation", "optimisation", metavar="N")
     # run
-    workdir: Path = flag(Path("workdir"), "checkpoints, metrics.jsonl, TensorBoard events and the plot go here",
-                         "run", metavar="DIR")
+    workdir: AnyPath = flag(Path("workdir"), "checkpoints, metrics.jsonl, TensorBoard events and the plot go here "
+                                             "(a path or a URL: gs://bucket/run)", "run", metavar="DIR")
     resume: bool = flag(False, "require a checkpoint in --workdir and continue from it (rerunning resumes anyway)",
                         "run")
     eval_only: bool = flag(False, "evaluate (--init-from or the workdir's best) and exit", "run")
@@ -132,7 +133,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("workdir", "data_dir", "tfds_data_dir", "init_from"):
             if isinstance(getattr(self, name), str):
-                setattr(self, name, Path(getattr(self, name)))
+                setattr(self, name, as_path(getattr(self, name)))
 
     @property
     def multi_host(self) -> bool:
@@ -175,10 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
                                             action="store_false" if f.default else "store_true", help=m["help"])
             continue
         shown = m["default_text"] or (None if f.default is None else str(f.default))
-        groups[m["group"]].add_argument(f"--{name}", type=kind, default=f.default, choices=m["choices"],
-                                        metavar=m["metavar"],
+        groups[m["group"]].add_argument(f"--{name}", type=_path_arg if kind is Path else kind, default=f.default,
+                                        choices=m["choices"], metavar=m["metavar"],
                                         help=m["help"] + (f" (default: {shown})" if shown else ""))
     return p
+
+
+def _path_arg(text: str) -> AnyPath:
+    """A local path, or a URL whose storage client is installed (else argparse's one-line error)."""
+    try:
+        return as_path(text)
+    except StorageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,6 +17,7 @@ import numpy as np
 
 from resnet_flax.errors import preview_keys
 from train.errors import DataError
+from train.storage import AnyPath, find_files, is_url
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class FolderSplits:
     val: list[list[str]]
 
 
-def scan_folder(root: Path, val_fraction: float, split_seed: int) -> FolderSplits:
+def scan_folder(root: AnyPath, val_fraction: float, split_seed: int) -> FolderSplits:
     """ImageFolder-style splits: use train/ + val/ sub-folders when present, else a stratified split."""
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder; {FOLDER_LAYOUT}")
@@ -51,7 +52,7 @@ def scan_folder(root: Path, val_fraction: float, split_seed: int) -> FolderSplit
     return FolderSplits(class_names, train, val)
 
 
-def _find_split_dirs(root: Path) -> tuple[Path, Path] | None:
+def _find_split_dirs(root: AnyPath) -> tuple[AnyPath, AnyPath] | None:
     """(train_dir, val_dir) when ``root`` holds train/ and val/ (or validation/) folders of class folders."""
     train_dir = root / "train"
     val_dirs = [root / name for name in ("val", "validation") if (root / name).is_dir()]
@@ -62,7 +63,7 @@ def _find_split_dirs(root: Path) -> tuple[Path, Path] | None:
     return train_dir, val_dirs[0]
 
 
-def _presplit_folder(root: Path, train_dir: Path, val_dir: Path) -> FolderSplits:
+def _presplit_folder(root: AnyPath, train_dir: AnyPath, val_dir: AnyPath) -> FolderSplits:
     """Splits from explicit train/ and val/ folders; class names come from train/'s sub-folders."""
     class_names = _class_dirs(train_dir)
     unknown = sorted(set(_class_dirs(val_dir)) - set(class_names))
@@ -80,7 +81,7 @@ def _presplit_folder(root: Path, train_dir: Path, val_dir: Path) -> FolderSplits
     return FolderSplits(class_names, per_class, val_per_class)
 
 
-def _check_classes(folder: Path, class_names: list[str], per_class: Sequence[Sequence[str]]) -> None:
+def _check_classes(folder: AnyPath, class_names: list[str], per_class: Sequence[Sequence[str]]) -> None:
     """Refuse what would train on something other than the folder shows: a folder of class folders given one
     level too high, class folders without images (a dead class in the head), or a single class."""
     if len(class_names) == 1:
@@ -97,12 +98,12 @@ def _check_classes(folder: Path, class_names: list[str], per_class: Sequence[Seq
                         f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the empty folders")
 
 
-def _class_dirs(folder: Path) -> list[str]:
+def _class_dirs(folder: AnyPath) -> list[str]:
     """Sorted names of the non-hidden sub-folders of ``folder``."""
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_classes(root: Path, folder: Path, class_names: Sequence[str]) -> list[list[str]]:
+def _scan_classes(root: AnyPath, folder: AnyPath, class_names: Sequence[str]) -> list[list[str]]:
     """Image paths of each class folder of ``folder``; an image reached from two classes is refused."""
     scanned = [_walk_images(folder / name, root) if (folder / name).is_dir() else [] for name in class_names]
     owner: dict[str, str] = {}
@@ -114,16 +115,18 @@ def _scan_classes(root: Path, folder: Path, class_names: Sequence[str]) -> list[
     return [sorted(path for path, _ in files) for files in scanned]
 
 
-def _image_files(folder: Path, root: Path | None = None) -> list[str]:
+def _image_files(folder: AnyPath, root: AnyPath | None = None) -> list[str]:
     """Sorted image paths (by extension, case-insensitive) anywhere under ``folder``, hidden entries skipped."""
     return sorted(path for path, _ in _walk_images(folder, root))
 
 
-def _walk_images(folder: Path, root: Path | None = None) -> list[tuple[str, str]]:
+def _walk_images(folder: AnyPath, root: AnyPath | None = None) -> list[tuple[str, str]]:
     """(path, real path) of each image under ``folder``, following symbolic links but reading each image and
     folder once: a link back to ``folder`` or a parent (a loop) or to something already read is skipped with
     a warning; a link into another class folder of the data folder ``root`` is refused (its images would get
-    this class's label)."""
+    this class's label). Under a URL (an object store: no links) every image object is listed at once."""
+    if is_url(folder):
+        return [(f, f) for f in _image_objects(folder)]
     folder_real = os.path.realpath(folder)
     root_real = os.path.realpath(root if root is not None else folder)
     seen, skipped, found = {folder_real}, [], []
@@ -171,6 +174,13 @@ def _walk_images(folder: Path, root: Path | None = None) -> list[tuple[str, str]
         logger.warning("%s: skipped %d symbolic link(s) to images or folders already read (a loop or a repeat), "
                        "so each image is read once: %s", folder, len(skipped), preview_keys(skipped, 2))
     return found
+
+
+def _image_objects(folder: AnyPath) -> list[str]:
+    """The URLs of the image objects under the URL ``folder``, hidden names (at any depth) skipped."""
+    prefix = str(folder).rstrip("/") + "/"
+    return [f for f in find_files(folder) if f.startswith(prefix) and f.lower().endswith(IMAGE_EXTENSIONS)
+            and not any(part.startswith(".") for part in f[len(prefix):].split("/"))]
 
 
 def _stratified_split(

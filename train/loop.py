@@ -25,6 +25,7 @@ from train.run_file import RUN_FILE, check_same_run, describe_changes, write_run
 from train.schedule import Position, Schedule, Segment
 from train.sources import load_splits
 from train.steps import OptimConfig, build_steps
+from train.storage import local_copy
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
@@ -74,7 +75,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             if cfg.init_from and cfg.image_size == TrainConfig.image_size:  # the weights' own eval transform
                 from resnet_flax.loading import eval_settings
 
-                t = eval_settings(cfg.init_from)[1]
+                with local_copy(cfg.init_from) as path:
+                    t = eval_settings(path)[1]
                 crop, resize = t.crop_size, t.resize_size
                 log(f"evaluating as the weights file records: resize {resize}, centre crop {crop}")
             data = RunData(splits, [Segment("val")], image_size=crop, resize_size=resize, **reader)
@@ -120,6 +122,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 if step % cfg.log_every == 0 or save_now or preempted:  # checks the state about to be saved
                     check_finite(train_log.flush(step, epoch, skipped), step, ckpts)
                 if save_now or preempted:
+                    metrics.sync()  # a URL workdir's metrics.jsonl, as far as this checkpoint
                     ckpts.save(step, state, {**dataclasses.asdict(stretch.position_after(done)),
                                              "skipped_images": skipped, "metrics": last_eval}, force=preempted)
                 if preempted:
@@ -134,6 +137,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 if last_eval:
                     metrics.write({"step": step, "epoch": stretch.reported_epoch, **last_eval})
                     log(f"epoch {stretch.reported_epoch}/{schedule.num_epochs} step {step}: {format_eval(last_eval)}")
+            metrics.sync()
             ckpts.save(step, state, {**dataclasses.asdict(stretch.end), "skipped_images": skipped,
                                      "metrics": last_eval},
                        metrics={"val_top1": last_eval["val_top1"]} if last_eval else None, force=True)

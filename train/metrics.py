@@ -1,11 +1,18 @@
-"""Where training metrics go: metrics.jsonl, TensorBoard events, the progress bar, and a PNG of the curves."""
+"""Where training metrics go: metrics.jsonl, TensorBoard events, the progress bar, and a PNG of the curves.
+
+In a URL workdir (an object store: no appends) metrics.jsonl is kept in memory and uploaded whole, and the
+TensorBoard events are written to a local folder and uploaded file by file, by :meth:`MetricsLog.sync`: before
+each checkpoint save, at least every :data:`SYNC_SECONDS` and at the end.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_flax.atomic import atomic_write
 from train.progress import Progress
+from train.storage import AnyPath, atomic_write, is_url
+
+SYNC_SECONDS = 60  # a URL workdir's metrics and events are uploaded at least this often
 
 
 def _summary_writer() -> type:
@@ -35,16 +44,27 @@ def _summary_writer() -> type:
 class MetricsLog:
     """Append-only JSON lines (one object per logged step or evaluation) mirrored to TensorBoard."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: AnyPath, enabled: bool = True):
         self.path = workdir / "metrics.jsonl"
         self.enabled = enabled
-        self._tb = None
+        self.remote = is_url(workdir)
+        self._tb = self._tb_local = None
+        self._tb_remote = workdir / "tb"
+        self._lines: list[str] = []  # a URL workdir's metrics.jsonl, uploaded whole by sync()
+        self._synced = time.monotonic()
         if enabled:
-            self._tb = _summary_writer()(str(workdir / "tb"))
+            if self.remote:
+                self._lines = [json.dumps(r) + "\n" for r in read_metrics(self.path)]
+                self._tb_local = tempfile.mkdtemp(prefix="resnet-flax-tb-")
+            self._tb = _summary_writer()(self._tb_local or str(self._tb_remote))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: after a resume they describe work that is being redone."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled or not (self._lines if self.remote else self.path.exists()):
+            return
+        if self.remote:
+            self._lines = [line for line in self._lines if json.loads(line)["step"] <= step]
+            self.sync()
             return
         keep = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= step]
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(f"{line}\n" for line in keep)))
@@ -52,23 +72,46 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if self.remote:
+            self._lines.append(json.dumps(record) + "\n")
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         for k, v in record.items():
             if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
                 self._tb.add_scalar(k, v, record["step"])
+        if self.remote and time.monotonic() - self._synced >= SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload a URL workdir's metrics.jsonl and TensorBoard event files (each as one object); local: no-op."""
+        if not (self.enabled and self.remote):
+            return
+        self.path.write_text("".join(self._lines))
+        self._tb.flush()
+        for name in sorted(os.listdir(self._tb_local)):
+            with open(os.path.join(self._tb_local, name), "rb") as f:
+                data = f.read()
+            (self._tb_remote / name).write_bytes(data)
+        self._synced = time.monotonic()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self._tb is None:
+            return
+        if self.remote:
+            self.sync()
+        self._tb.close()
+        if self.remote:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+        self._tb = None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: AnyPath) -> list[dict[str, Any]]:
     """The records of ``path``, skipping a line cut short by a kill mid-write (or otherwise damaged)."""
     records = []
-    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+    for line in path.read_bytes().decode(errors="replace").splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
         except ValueError:
@@ -78,7 +121,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_curves(metrics_path: Path, out: Path) -> Path | None:
+def plot_curves(metrics_path: AnyPath, out: AnyPath) -> AnyPath | None:
     """Loss (train, val) and validation accuracy against step, as a PNG; None if nothing to plot."""
     records = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]

@@ -10,6 +10,7 @@ from resnet_flax.model import ResNet, ResNetConfig
 from train.config import TrainConfig
 from train.progress import log
 from train.run_file import read_run_file
+from train.storage import local_copy
 
 
 def initial_model(cfg: TrainConfig, num_classes: int) -> ResNet:
@@ -20,7 +21,8 @@ def initial_model(cfg: TrainConfig, num_classes: int) -> ResNet:
                                         zero_init_residual=cfg.zero_init_residual, seed=cfg.seed)
     from resnet_flax.loading import describe, load_model
 
-    model = load_model(cfg.init_from, arch=cfg.arch, dtype=dtype)
+    with local_copy(cfg.init_from) as path:
+        model = load_model(path, arch=cfg.arch, dtype=dtype)
     log(f"loaded weights from {cfg.init_from}: {describe(model.config)}")
     if model.config.num_classes != num_classes:
         log(f"re-initialised the head (fc): the checkpoint has {model.config.num_classes} classes, "

@@ -20,9 +20,10 @@ from train import compile_cache
 from train.errors import CheckpointError, DataError
 from train.platforms import leave_out_absent_tpu
 from train.run_file import RUN_FILE
+from train.storage import AnyPath, StorageError, as_path, local_copy
 
 
-def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
+def load_from_workdir(workdir: AnyPath) -> tuple[ResNet, list[str], int]:
     """The best (else latest) checkpoint of a training workdir, its class names and image size."""
     from train.checkpoint import Checkpoints
     from train.run_file import read_run_file
@@ -51,16 +52,17 @@ def load_from_workdir(workdir: Path) -> tuple[ResNet, list[str], int]:
     return model, names, size
 
 
-def load_predictor(checkpoint: Path) -> tuple[ResNet, list[str], int | EvalTransform]:
+def load_predictor(checkpoint: AnyPath) -> tuple[ResNet, list[str], int | EvalTransform]:
     """(model, class names, image size or the eval transform the file records) from a workdir, a converted file
-    or a PyTorch checkpoint."""
+    or a PyTorch checkpoint, each a local path or a URL."""
     if checkpoint.is_dir() and not (checkpoint / "config.json").exists():
         if not (checkpoint / RUN_FILE).exists():
             raise CheckpointError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
         return load_from_workdir(checkpoint)
     from resnet_flax.loading import load_with_info
 
-    model, info = load_with_info(checkpoint)
+    with local_copy(checkpoint) as path:
+        model, info = load_with_info(path)
     names, transform = info.eval_settings(model.config.num_classes)
     return model, names, transform
 
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.predict",
                                 description="Print the top classes of images with a trained or converted model.")
     p.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="a training --workdir (best checkpoint), a .flax.safetensors or a PyTorch checkpoint "
+    p.add_argument("--checkpoint", required=True,
+                   help="a training --workdir (best checkpoint), a .flax.safetensors or a PyTorch checkpoint; a "
+                        "path or a URL (gs://...) "
                         "(class names and eval transform as the file records them; else ImageNet's for 1000 classes)")
     p.add_argument("--top-k", type=int, default=5, help="how many classes to print")
     p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
@@ -105,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         print(f"error: --top-k {args.top_k}: give at least 1 (how many classes to print for each image)",
               file=sys.stderr)
+        return 2
+    try:
+        args.checkpoint = as_path(args.checkpoint)
+    except StorageError as e:
+        print(f"error: --checkpoint {e}", file=sys.stderr)
         return 2
     leave_out_absent_tpu()
     compile_cache.enable(args.compile_cache)

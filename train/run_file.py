@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
-from resnet_flax.atomic import atomic_write
 from resnet_flax.model import ResNetConfig
 from resnet_flax.registry import arch_name
 from train.config import TrainConfig
 from train.errors import RunError
+from train.storage import AnyPath, as_path, atomic_write
 
 RUN_FILE = "run.json"  # model config + class names: what predict needs to rebuild the model
 
 
-def read_run_file(workdir: Path) -> dict[str, Any]:
+def read_run_file(workdir: AnyPath) -> dict[str, Any]:
     """The ``run.json`` of ``workdir``: ``model`` (a ResNetConfig dict), ``class_names``, ``dtype``, ``flags``."""
-    return json.loads((Path(workdir) / RUN_FILE).read_text())
+    return json.loads((as_path(workdir) / RUN_FILE).read_text())
 
 
 def flags_of(cfg: TrainConfig) -> dict[str, Any]:
-    """``cfg`` as JSON-ready values (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    """``cfg`` as JSON-ready values (paths and URLs as strings)."""
+    return {k: (str(v) if isinstance(v, PurePath) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def write_run_file(cfg: TrainConfig, model_config: ResNetConfig, class_names: list[str],

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from train import folders, tfds_data
 from train.errors import DataError
+from train.storage import as_path, is_url, read_many, sizes
 
 _SYNTHETIC_TRAIN_SEED = 0
 _SYNTHETIC_VAL_SEED = 1
@@ -73,6 +73,8 @@ def in_memory(source: Source, limit: int = IN_MEMORY_LIMIT) -> Source:
     ``limit`` bytes (and all can be read now); otherwise ``source`` itself (read from disk per example)."""
     if not isinstance(source, FileSource) or not len(source):
         return source
+    if is_url(source.paths[0]):
+        return _objects_in_memory(source, limit)
     sizes = []
     try:
         for path in source.paths:
@@ -88,6 +90,21 @@ def in_memory(source: Source, limit: int = IN_MEMORY_LIMIT) -> Source:
     except OSError:
         return source  # the per-example path names the unreadable file
     return BytesSource(source.paths, source.labels, buffer, offsets)
+
+
+def _objects_in_memory(source: FileSource, limit: int, chunk: int = 256) -> Source:
+    """:func:`in_memory` for objects at URLs: their sizes and bytes fetched concurrently, ``chunk`` at a time."""
+    found: list[int] = []
+    try:
+        for i in range(0, len(source.paths), chunk):
+            found += sizes(source.paths[i:i + chunk])
+            if sum(found) > limit:
+                return source
+        data = [b for i in range(0, len(source.paths), chunk) for b in read_many(source.paths[i:i + chunk])]
+    except OSError:
+        return source  # the per-example path names the unreadable object
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in data])]).astype(np.int64)
+    return BytesSource(source.paths, source.labels, np.frombuffer(b"".join(data), np.uint8), offsets)
 
 
 @dataclass(frozen=True)
@@ -145,7 +162,7 @@ def load_splits(
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} is out of range; pass a value in [0, 1)")
     if data_dir is not None:
-        found = folders.scan_folder(Path(data_dir), val_fraction, split_seed)
+        found = folders.scan_folder(as_path(data_dir), val_fraction, split_seed)
         return Splits(_file_source(found.train), _file_source(found.val), found.class_names)
     if dataset == "synthetic":
         return _synthetic_splits(synthetic_size, synthetic_classes, val_fraction)

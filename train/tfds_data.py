@@ -16,6 +16,7 @@ from typing import Any
 
 from resnet_flax.errors import first_line
 from train.errors import DataError
+from train.storage import is_url
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ def _keys(builder: Any, name: str) -> tuple[str, str]:
 
 def _prepare(builder: Any, name: str) -> None:
     """Download and prepare a missing dataset; failure (offline, manual download) becomes a DataError."""
+    if is_url(str(builder.data_dir_root)):
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; prepare it on a machine with "
+            f"`tfds build {name} --file_format=array_record --data_dir DIR` and copy DIR/{name} there (a run reads "
+            "a prepared dataset from a bucket, but does not prepare one into it)")
     root = Path(builder.data_dir_root)
     build = f"`tfds build {name} --file_format=array_record --data_dir {root}`"
     manual_dir = root / "downloads" / "manual"

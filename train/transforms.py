@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from resnet_flax.weights import IMAGENET_MEAN, IMAGENET_STD
+from train.storage import read_bytes
 
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -51,8 +52,7 @@ def open_image(data: ImageInput) -> Image.Image:
         return _array_to_image(data)
     if isinstance(data, (bytes, bytearray, memoryview)):
         return _open_encoded(data)
-    with open(data, "rb") as f:
-        return _open_encoded(f.read())
+    return _open_encoded(read_bytes(data))  # a local file or an object at a URL
 
 
 def _open_encoded(data: bytes | bytearray | memoryview) -> Image.Image:
