@@ -52,7 +52,7 @@ def is_url(path: str | os.PathLike) -> bool:
 def as_path(value: str | os.PathLike) -> AnyPath:
     """``value`` as a :class:`pathlib.Path`, or an :class:`etils.epath.Path` for a URL whose client is installed
     (:class:`StorageError` otherwise)."""
-    if isinstance(value, epath.Path) and not isinstance(value, Path):
+    if isinstance(value, epath.Path) and is_url(value):
         return value
     text = os.fspath(value) if not isinstance(value, str) else value
     if not is_url(text):
@@ -68,9 +68,9 @@ def check_client(url: str) -> None:
     protocol = _URL.match(url)[1].lower()
     try:
         fsspec.get_filesystem_class(protocol)
-    except ImportError:
+    except ImportError as e:  # fsspec's message names the package: "Install s3fs to access S3"
         fix = _EXTRA.get(protocol)
-        how = f"pip install '{fix}'" if fix else f"install the fsspec client for {protocol}:// (see fsspec's docs)"
+        how = f"pip install '{fix}'" if fix else str(e).split("\n")[0].rstrip(".").replace("Install", "install", 1)
         raise StorageError(f"{url}: reading and writing {protocol}:// URLs needs a client that is not installed; "
                            f"{how}") from None
     except ValueError:
