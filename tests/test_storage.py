@@ -120,6 +120,36 @@ def test_metrics_and_run_files_are_whole_objects(gcs):
     assert json.loads((wd / "run.json").read_text()) == {"a": 1}
 
 
+def test_image_folder_in_a_bucket(gcs, image_folder):  # noqa: F811
+    """A bucket folder is scanned as the local one is (nested and hidden objects included); its images are read
+    into memory at once, or one by one when the folder is over the in-memory limit."""
+    from etils import epath
+
+    from train.folders import scan_folder
+    from train.sources import BytesSource, FileSource, in_memory
+    from train.transforms import load_image
+
+    url = epath.Path(f"gs://{BUCKET}/scan")
+    for c in image_folder.iterdir():
+        for i in range(4):
+            (url / c.name / f"{i}.jpg").write_bytes((c / f"{i}.jpg").read_bytes())
+            (url / c.name / "nested" / f"{i}.jpg").write_bytes((c / f"{i}.jpg").read_bytes())
+    (url / "red" / ".hidden.jpg").write_bytes(b"x")
+    (url / "red" / ".hidden" / "0.jpg").write_bytes(b"x")
+    (url / "red" / "notes.txt").write_bytes(b"x")
+    local = scan_folder(gcs / BUCKET / "scan", 0.25, 0)  # the server keeps objects as files: the same tree
+    there = scan_folder(url, 0.25, 0)
+    assert there.class_names == local.class_names and there.train == [
+        [f"gs://{BUCKET}/scan/" + Path(p).relative_to(gcs / BUCKET / "scan").as_posix() for p in ps]
+        for ps in local.train]
+    source = FileSource(tuple(p for ps in there.train for p in ps), tuple(range(sum(map(len, there.train)))))
+    loaded = in_memory(source)
+    assert isinstance(loaded, BytesSource) and loaded[3]["image"] == (url / source.paths[3][len(str(url)) + 1:]
+                                                                      ).read_bytes()
+    assert in_memory(source, limit=100) is source
+    assert load_image(source.paths[3]).size == load_image(loaded[3]["image"]).size
+
+
 @pytest.mark.slow
 def test_checkpoint_round_trip_through_the_bucket(gcs):
     """resnet18's train state (parameters, BatchNorm statistics, AdamW state) saved to and restored from the
