@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = (ROOT / "docs" / "performance.md", ROOT / "docs" / "tpu-sizing.md")
+PAGES = (ROOT / "docs" / "performance.md", ROOT / "docs" / "tpu-sizing.md", ROOT / "docs" / "parity.md")
 RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 MODES = {"infer": "inference", "train": "train step"}
@@ -140,9 +140,34 @@ def converter_table(rows: Sequence[dict[str, Any]]) -> str:
                   "peak RSS MB"], out)
 
 
+def _arch(name: str) -> str:
+    from resnet_flax.registry import list_models
+
+    return f"{name} (timm)" if name in list_models("timm") else name
+
+
+def parity_eval_table(rows: Sequence[dict[str, Any]]) -> str:
+    """tests/test_parity.py's eval mode: max |flax - torch| / max |torch| of the logits and the stage outputs."""
+    return table(["architecture", "logits", "worst of the four stage outputs"],
+                 [[_arch(r["arch"]), f"{r['logits']:.1e}", f"{r['worst_stage']:.1e}"] for r in rows])
+
+
+def parity_train_table(rows: Sequence[dict[str, Any]]) -> str:
+    """tests/test_parity.py's train step: each quantity against PyTorch float32, and each side against float64."""
+    keys = ("logits", "grads (global)", "grads (worst tensor)", "running stats")
+
+    def cell(c: dict[str, float]) -> str:
+        return f"{c['vs_torch']:.1e} ({c['flax_vs_f64']:.1e} / {c['torch_vs_f64']:.1e})"
+
+    return table(["architecture", "logits", "gradients, global (max \\|diff\\| / max \\|grad\\|)",
+                  "worst single gradient tensor", "running stats"],
+                 [[_arch(r["arch"]), *(cell(r[k]) for k in keys)] for r in rows])
+
+
 TABLES: dict[str, Callable[[Sequence[dict[str, Any]]], str]] = {
     "sweep": models_table, "models": models_table, "levers": levers_table, "pipeline": pipeline_table,
-    "end-to-end": end_to_end_table, "converter": converter_table}
+    "end-to-end": end_to_end_table, "converter": converter_table, "parity-eval": parity_eval_table,
+    "parity-train": parity_train_table}
 
 
 def host_line(h: dict[str, Any]) -> str:

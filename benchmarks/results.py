@@ -31,7 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-KINDS = ("sweep", "models", "levers", "pipeline", "end-to-end", "converter")
+KINDS = ("sweep", "models", "levers", "pipeline", "end-to-end", "converter", "parity-eval", "parity-train")
 # CPU features that decide which kernels torch (oneDNN) and XLA:CPU can use, in /proc/cpuinfo's spelling.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
@@ -112,11 +112,11 @@ def command_line(module: str, argv: Sequence[str]) -> str:
 
 
 def record(kind: str, command: str, rows: list[dict[str, Any]], *, settings: dict[str, Any] | None = None,
-           raw: dict[str, Any] | None = None, note: str = "") -> dict[str, Any]:
+           raw: dict[str, Any] | None = None, note: str = "", packages: Sequence[str] = PACKAGES) -> dict[str, Any]:
     """A result file's content for rows measured now, on this machine."""
     assert kind in KINDS, kind
     return {"kind": kind, "command": command, "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-            "host": host(), "versions": versions(), "settings": settings or {}, "rows": rows, "note": note,
+            "host": host(), "versions": versions(packages), "settings": settings or {}, "rows": rows, "note": note,
             "raw": raw or {}}
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # With libtpu installed (the tpu extra) JAX would load it in every process, and the first one takes
@@ -17,6 +19,9 @@ import pytest
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow tier (tests marked slow); CI runs both")
+    parser.addoption("--parity-results", metavar="DIR", help="write the parity tests' errors as result files "
+                     "(parity-eval-HOST.json, parity-train-HOST.json) in DIR; python -m benchmarks.render puts them "
+                     "in docs/parity.md")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,8 +34,42 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
-# Rows printed at the end of the run (docs/parity.md's table comes from here).
-PARITY_ROWS: list[str] = []
+# What the parity tests measured, gathered from every test report (xdist's workers' included): printed at the end
+# of the run and, with --parity-results, written as the result files docs/parity.md renders.
+PARITY: list[dict] = []
+
+
+def record_parity(request, kind: str, line: str, **row) -> None:
+    """Report one parity measurement: ``line`` for the run's summary, ``row`` (kind parity-eval/-train) for the
+    result file, or no row for a line only."""
+    row = json.loads(json.dumps(row, default=float))  # plain floats: xdist sends the report to the controller
+    request.node.user_properties.append(("parity", {"kind": kind, "line": line, "row": row}))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        PARITY.extend(value for name, value in report.user_properties if name == "parity")
+
+
+def _one_block_per_stage(arch: str):
+    """The reference library's ``arch`` with one block in each stage: every module kind of the architecture, at a
+    quarter of resnet50's blocks (for tests of structure, not of depth)."""
+    def build(**kwargs):
+        if arch == "seresnext50_32x4d":
+            from timm.models.resnet import Bottleneck, ResNet
+
+            return ResNet(Bottleneck, [1, 1, 1, 1], cardinality=32, base_width=4,
+                          block_args={"attn_layer": "se"}, **kwargs)
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        return ResNet(Bottleneck, [1, 1, 1, 1], **({"groups": 32, "width_per_group": 4} if "resnext" in arch else {}),
+                      **kwargs)
+    return build
+
+
+# "<arch>, one block per stage" -> a builder of that reference model
+ONE_BLOCK_PER_STAGE = {f"{arch}, one block per stage": _one_block_per_stage(arch)
+                       for arch in ("resnet50", "resnext50_32x4d", "seresnext50_32x4d")}
 
 
 def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False, **kwargs):
@@ -48,7 +87,9 @@ def torch_model_with_bn_state(name: str, seed: int = 0, calibrate: bool = False,
     from resnet_flax.registry import list_models
 
     torch.manual_seed(seed)
-    if name in list_models("timm"):
+    if name in ONE_BLOCK_PER_STAGE:
+        model = ONE_BLOCK_PER_STAGE[name](**kwargs)
+    elif name in list_models("timm"):
         import timm
 
         model = timm.create_model(name, **kwargs)
@@ -132,11 +173,31 @@ def pytest_unconfigure(config):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def pytest_terminal_summary(terminalreporter):
-    if PARITY_ROWS:
-        terminalreporter.write_sep("-", "parity with torchvision and timm (float32, CPU)")
-        for row in PARITY_ROWS:
-            terminalreporter.write_line(row)
+def pytest_terminal_summary(terminalreporter, config):
+    if hasattr(config, "workerinput") or not PARITY:
+        return
+    terminalreporter.write_sep("-", "parity with torchvision and timm (float32, CPU)")
+    for rec in PARITY:
+        terminalreporter.write_line(rec["line"])
+    folder = config.getoption("--parity-results")
+    if folder:
+        write_parity_results(Path(folder), config)
+
+
+def write_parity_results(folder: Path, config) -> None:
+    """parity-eval-HOST.json and parity-train-HOST.json, rows in the registry's order."""
+    import sys
+
+    from benchmarks import results
+    from resnet_flax.registry import ARCHS
+
+    order = {name: i for i, name in enumerate([*ARCHS, *ONE_BLOCK_PER_STAGE])}
+    command = " ".join(["python -m pytest", *config.invocation_params.args])
+    for kind in ("parity-eval", "parity-train"):
+        rows = sorted((r["row"] for r in PARITY if r["kind"] == kind), key=lambda row: order[row["arch"]])
+        if rows:
+            rec = results.record(kind, command, rows, packages=(*results.PACKAGES, "timm"))
+            print(f"results: {results.write(rec, folder)}", file=sys.stderr)
 
 
 @pytest.fixture

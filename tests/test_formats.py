@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_ROWS, randomize_bn_state, rel_err
+from conftest import randomize_bn_state, record_parity, rel_err
 from flax import nnx
 
 import convert
@@ -49,8 +49,8 @@ def theirs(model, x: np.ndarray):
         return model(torch.from_numpy(x))
 
 
-def row(source: str, err: float) -> None:
-    PARITY_ROWS.append(f"{source:<58s} max rel diff {err:.2e}")
+def row(request, source: str, err: float) -> None:
+    record_parity(request, "formats", f"{source:<58s} max rel diff {err:.2e}")
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
@@ -70,7 +70,7 @@ def _timm_model(seed: int, **kwargs):
     return model.eval()
 
 
-def test_timm_training_checkpoint_prefers_ema_like_timm(tmp_path, capsys):
+def test_timm_training_checkpoint_prefers_ema_like_timm(request, tmp_path, capsys):
     from timm.models import load_checkpoint
 
     model, ema = _timm_model(0, num_classes=5), _timm_model(1, num_classes=5)
@@ -88,7 +88,7 @@ def test_timm_training_checkpoint_prefers_ema_like_timm(tmp_path, capsys):
     converted = tmp_path / "model_best.flax.safetensors"
     err_ema = rel_err(ours(resnet_flax.load(converted), x), theirs(ref, x))
     assert err_ema < TOL
-    row("timm training checkpoint, state_dict_ema (timm's loader)", err_ema)
+    row(request, "timm training checkpoint, state_dict_ema (timm's loader)", err_ema)
     info = file_info(converted)
     assert info.weights_set == "ema" and info.class_names == ["a", "b", "c", "d", "e"]
     assert (info.transform.crop_size, info.transform.resize_size, info.transform.mean) == (64, 71, (0.5, 0.5, 0.5))
@@ -104,7 +104,7 @@ def test_timm_training_checkpoint_prefers_ema_like_timm(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no EMA weights" in err
 
 
-def test_timm_headless_backbone(tmp_path, capsys):
+def test_timm_headless_backbone(request, tmp_path, capsys):
     model = _timm_model(0, num_classes=0)
     torch.save(model.state_dict(), tmp_path / "headless.pth")
     code, out, err = cli(capsys, tmp_path / "headless.pth")
@@ -118,12 +118,12 @@ def test_timm_headless_backbone(tmp_path, capsys):
     with torch.no_grad():
         ref4 = model.forward_features(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
     assert err_feats < TOL and rel_err(layer4, ref4) < TOL
-    row("timm resnet18 num_classes=0 (pooled features)", err_feats)
+    row(request, "timm resnet18 num_classes=0 (pooled features)", err_feats)
 
 
 # --- torchvision segmentation -----------------------------------------------------------------------------
 
-def test_torchvision_segmentation_backbone(tmp_path, capsys):
+def test_torchvision_segmentation_backbone(request, tmp_path, capsys):
     from torchvision.models.segmentation import fcn_resnet50
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def test_torchvision_segmentation_backbone(tmp_path, capsys):
     ref4 = theirs(seg.backbone, x)["out"].numpy().transpose(0, 2, 3, 1)
     err4 = rel_err(out4, ref4)
     assert err4 < TOL
-    row("torchvision fcn_resnet50 backbone (layer4, dilated)", err4)
+    row(request, "torchvision fcn_resnet50 backbone (layer4, dilated)", err4)
 
 
 # --- Hugging Face transformers ----------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def _hf_model(folder, *, headless: bool = False, **config_kwargs):
     return model
 
 
-def test_transformers_resnet_folder(tmp_path, capsys):
+def test_transformers_resnet_folder(request, tmp_path, capsys):
     hf = _hf_model(tmp_path / "hf")
     code, out, err = cli(capsys, tmp_path / "hf", "--out", tmp_path / "hf.flax.safetensors")
     assert code == 0, err
@@ -171,7 +171,7 @@ def test_transformers_resnet_folder(tmp_path, capsys):
     x = rand_x()
     err_hf = rel_err(ours(resnet_flax.load(tmp_path / "hf.flax.safetensors"), x), theirs(hf, x).logits)
     assert err_hf < TOL
-    row("transformers ResNetForImageClassification (save_pretrained)", err_hf)
+    row(request, "transformers ResNetForImageClassification (save_pretrained)", err_hf)
     info = file_info(tmp_path / "hf.flax.safetensors")
     assert info.class_names == [f"label {i}" for i in range(4)]
     assert (info.transform.crop_size, info.transform.resize_size, info.transform.interpolation) == (224, 256,
@@ -208,7 +208,7 @@ def _fake_hf_cache(cache, repo_id: str, files: dict[str, bytes]) -> None:
         (snap / name).write_bytes(data)
 
 
-def test_hub_names_offline_from_the_hf_cache(tmp_path, monkeypatch):
+def test_hub_names_offline_from_the_hf_cache(request, tmp_path, monkeypatch):
     import huggingface_hub.constants as hfc
     from safetensors.torch import save_file
 
@@ -247,7 +247,7 @@ def test_hub_names_offline_from_the_hf_cache(tmp_path, monkeypatch):
         resnet_flax.resnet50(weights="hf-hub:timm/resnet18.test")
 
 
-def test_timm_variant_by_hub_name(tmp_path, monkeypatch):
+def test_timm_variant_by_hub_name(request, tmp_path, monkeypatch):
     """timm's ResNet-D weights arrive by hub name like plain ones (resnet18d: deep stem, avg-pool shortcuts)."""
     import huggingface_hub.constants as hfc
     import timm
@@ -266,6 +266,6 @@ def test_timm_variant_by_hub_name(tmp_path, monkeypatch):
     x = rand_x()
     err = rel_err(ours(resnet_flax.resnet18d(weights="hf-hub:timm/resnet18d.test"), x), theirs(ref, x))
     assert err < TOL
-    row("hf-hub:timm/resnet18d (offline HF cache)", err)
+    row(request, "hf-hub:timm/resnet18d (offline HF cache)", err)
     with pytest.raises(ValueError, match=r"hf-hub:timm/resnet18d\.<tag>"):
         resnet_flax.resnet18d(weights="DEFAULT")

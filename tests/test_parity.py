@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_ROWS, nchw_to_nhwc, rel_err, torch_model_with_bn_state, torch_stages
+from conftest import ONE_BLOCK_PER_STAGE, nchw_to_nhwc, record_parity, rel_err, torch_model_with_bn_state, torch_stages
 from flax import nnx
 
 import convert
@@ -37,7 +37,7 @@ def _eval_input(name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", tiered(ALL_ARCHS))
-def test_eval_parity(name):
+def test_eval_parity(name, request):
     tmodel = torch_model_with_bn_state(name)
     model = convert.build_model(convert.from_state_dict(tmodel.state_dict()))
     assert model.config == resnet_flax.arch_config(name)
@@ -49,24 +49,25 @@ def test_eval_parity(name):
     stages = model.stages(xj)
     errs = {k: rel_err(stages[k], nchw_to_nhwc(ref_stages[k])) for k in ref_stages}
     errs["logits"] = rel_err(logits, ref_logits)
-    row = f"{name:18s} logits {errs['logits']:.2e}  worst stage {max(errs[k] for k in ref_stages):.2e}"
-    PARITY_ROWS.append(row)
-    print(row)
+    worst_stage = max(errs[k] for k in ref_stages)
+    record_parity(request, "parity-eval", f"{name:18s} logits {errs['logits']:.2e}  worst stage {worst_stage:.2e}",
+                  arch=name, logits=errs["logits"], worst_stage=worst_stage)
     assert max(errs.values()) <= EVAL_TOL, errs
     assert np.array_equal(np.argmax(logits, -1), ref_logits.argmax(-1).numpy())
 
 
 # Train mode: forward with batch statistics, gradients of every parameter, updated running stats.
 # Float32 is judged against a float64 run of the same PyTorch model: Flax's float32 error must be no
-# larger than PyTorch's own float32 error (x ACCURACY_SLACK, plus a 1e-6 floor). In deep Bottleneck nets
+# larger than PyTorch's own float32 error (x ACCURACY_SLACK, plus a 1e-6 floor). In grouped Bottleneck nets
 # some gradient tensors are nearly zero after BatchNorm's backward cancels, and there PyTorch's own
-# float32 gradients are ~10% off float64, so a fixed per-tensor bound against PyTorch would test noise.
+# float32 gradients are up to 4% off float64, so a fixed per-tensor bound against PyTorch would test noise.
 # The fixed bounds against PyTorch float32 come on top: logits and running statistics to 1e-4; the global
-# gradient error (max |diff| over all gradients / max |grad|) to 3e-2, because for Bottleneck nets at this
-# size PyTorch float32 itself is 5e-3 (global) from float64 (resnet18: 5e-6); any real bug is O(1).
+# gradient error (max |diff| over all gradients / max |grad|) to 3x the largest global error of PyTorch's own
+# float32 against float64 among these models (4.1e-3, resnext50_32x4d with one block per stage; resnet18:
+# 4.6e-6), which float32 could put between two correct implementations; any real bug is O(1).
 ACCURACY_SLACK = 3.0
 TRAIN_LOGITS_TOL = 1e-4
-GRAD_GLOBAL_TOL = 3e-2
+GRAD_GLOBAL_TOL = 1.2e-2
 STATS_TOL = 1e-4
 
 
@@ -80,13 +81,13 @@ def _torch_train_step(tmodel, x, y):
     return logits.detach().double().numpy(), grads, stats
 
 
-# timm's: resnet18d (deep stem and avg-pool shortcuts in BasicBlocks), resnet14t (tiered stem, Bottleneck with the
-# identity pool in layer1's shortcut) and seresnext50_32x4d (SE gates with grouped convs) put every new module
-# through train mode (stem BatchNorms' statistics, the pool's and the gate's gradients); the other seven add only
-# depth, which the eval test covers.
-@pytest.mark.parametrize("name", tiered(["resnet18", "resnet50", "resnext50_32x4d", "resnet18d", "resnet14t",
-                                         "seresnext50_32x4d"]))
-def test_train_step_parity(name):
+# torchvision's BasicBlock (resnet18) and Bottleneck, plain and grouped (resnet50 and resnext50_32x4d with one block
+# per stage: the same modules at a quarter of the blocks); timm's resnet18d (deep stem and avg-pool shortcuts in
+# BasicBlocks), resnet14t (tiered stem, Bottleneck with the identity pool in layer1's shortcut) and seresnext50_32x4d
+# with one block per stage (SE gates with grouped convs) put every module through train mode (stem BatchNorms'
+# statistics, the pool's and the gate's gradients); more blocks add only depth, which the eval test covers.
+@pytest.mark.parametrize("name", tiered(["resnet18", "resnet18d", "resnet14t", *ONE_BLOCK_PER_STAGE]))
+def test_train_step_parity(name, request):
     tmodel = torch_model_with_bn_state(name, num_classes=10)
     model = convert.build_model(convert.from_state_dict(tmodel.state_dict()))
     g = torch.Generator().manual_seed(2)
@@ -118,8 +119,9 @@ def test_train_step_parity(name):
         "grads (worst tensor)": (worst(gj, g32, g32), worst(gj, g64, g64), worst(g32, g64, g64)),
         "running stats": (worst(sj, s32, s32), worst(sj, s64, s64), worst(s32, s64, s64)),
     }
-    PARITY_ROWS.append(f"{name:18s} train: " + "; ".join(
-        f"{k} {v[0]:.1e} (f64: flax {v[1]:.1e}, torch {v[2]:.1e})" for k, v in checks.items()))
+    record_parity(request, "parity-train", f"{name:18s} train: " + "; ".join(
+        f"{k} {v[0]:.1e} (f64: flax {v[1]:.1e}, torch {v[2]:.1e})" for k, v in checks.items()),
+        arch=name, **{k: {"vs_torch": v[0], "flax_vs_f64": v[1], "torch_vs_f64": v[2]} for k, v in checks.items()})
     for k, (_, flax64, torch64) in checks.items():
         assert flax64 <= ACCURACY_SLACK * torch64 + 1e-6, (k, flax64, torch64)
     assert checks["logits"][0] <= TRAIN_LOGITS_TOL
