@@ -260,9 +260,9 @@ def test_sigkill_leaves_no_worker_process_behind(folder, tmp_path):
 def reordering_noise(perms: list[np.ndarray]) -> float:
     """Largest final-parameter change from reordering each batch's examples: the same maths summed in another order.
 
-    The run below in-process (one device, the CLI's synthetic data, init and recipe), once as is and once per
-    permutation. A permutation changes only the order of the float32 reductions (BatchNorm statistics, loss
-    mean, weight gradients), as splitting the batch over devices does; three AdamW steps from scratch amplify
+    The run below in-process (one device, the CLI's synthetic data, init and recipe of MULTI_HOST), once as is and
+    once per permutation. A permutation changes only the order of the float32 reductions (BatchNorm statistics,
+    loss mean, weight gradients), as splitting the batch over devices does; three AdamW steps from scratch amplify
     that rounding (Adam normalises near-zero gradients to steps of about lr whichever sign they take).
     """
     import jax
@@ -276,12 +276,13 @@ def reordering_noise(perms: list[np.ndarray]) -> float:
                       label_smoothing=0.0)
     loader = make_loader(splits.train, batch_size=8, image_size=32, train=True, seed=0)
     batches = [{k: v for k, v in b.items() if k != "corrupt"} for _, b in zip(range(3), loader)]
+    tx = make_optimizer(cfg)
+    graphdef, _ = create_train_state(resnet_flax.create_model("resnet10t", num_classes=splits.num_classes), tx)
+    step, _ = jit_steps(graphdef, tx, cfg)  # compiled once, for every ordering
 
     def final(perm: np.ndarray | None) -> np.ndarray:
-        tx = make_optimizer(cfg)
-        graphdef, state = create_train_state(resnet_flax.create_model("resnet18", num_classes=splits.num_classes,
-                                                                      seed=0), tx)
-        step, _ = jit_steps(graphdef, tx, cfg)
+        _, state = create_train_state(resnet_flax.create_model("resnet10t", num_classes=splits.num_classes, seed=0),
+                                      tx)
         for b in batches:
             state, _ = step(state, {k: v if perm is None else v[perm] for k, v in b.items()})
         return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
@@ -290,9 +291,14 @@ def reordering_noise(perms: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(final(p) - ref))) for p in perms)
 
 
+# The multi-device tests keep every run of a test on one learning-rate schedule (the same --max-steps), so that
+# each device layout compiles its steps once and the reruns load them from the compilation cache.
+MULTI_HOST = [*SMALL, "--arch", "resnet10t", "--dataset", "synthetic", "--batch-size", "8", "--log-every", "1"]
+
+
 @pytest.mark.slow
 def test_two_devices_equal_one(tmp_path, reorder_noise):
-    args = [*SMALL, "--dataset", "synthetic", "--batch-size", "8", "--max-steps", "3", "--log-every", "1"]
+    args = [*MULTI_HOST, "--max-steps", "3"]
     one = cli(*args, "--workdir", tmp_path / "one")
     two = cli(*args, "--workdir", tmp_path / "two",
               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"})
@@ -303,8 +309,8 @@ def test_two_devices_equal_one(tmp_path, reorder_noise):
     a, b = final_params(tmp_path / "one"), final_params(tmp_path / "two")
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     # The bar is measured, as the parity tests measure theirs against float64: splitting the batch over two
-    # devices must change the result no more than 3x what merely reordering the batch does (measured with
-    # jax 0.10.2: reorderings 3.7e-5 .. 7.9e-5, two devices 1.1e-4; the old fixed 1e-4 bar failed on it).
+    # devices must change the result no more than 3x what merely reordering the batch does.
+    print(f"two devices vs one: {diff:.1e}; reordering noise {reorder_noise:.1e}")
     assert diff <= 3 * reorder_noise, (diff, reorder_noise)
 
 
@@ -343,28 +349,31 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[in
 @pytest.mark.slow
 def test_two_processes_equal_one_and_share_checkpoints_both_ways(tmp_path, reorder_noise):
     """Two processes of two devices each (Gloo over 127.0.0.1) train as one process of four devices does; only
-    process 0 logs and writes metrics; each run's checkpoints resume in the other layout."""
-    args = [*SMALL, "--dataset", "synthetic", "--batch-size", "8", "--log-every", "1"]
+    process 0 logs and writes metrics; each run's step-3 checkpoint resumes in the other layout and gives its
+    step 4 again."""
+    args = [*MULTI_HOST, "--max-steps", "4", "--checkpoint-every", "1"]
     four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    one = cli(*args, "--max-steps", "3", "--workdir", tmp_path / "one", env=four_devices)
-    (c0, out0, err0), (c1, out1, err1) = finish(start_processes([*args, "--max-steps", "3", "--workdir",
-                                                                 tmp_path / "two"]))
+    one = cli(*args, "--workdir", tmp_path / "one", env=four_devices)
+    (c0, out0, err0), (c1, out1, err1) = finish(start_processes([*args, "--workdir", tmp_path / "two"]))
     assert one.returncode == 0 and c0 == 0 and c1 == 0, one.stderr + err0 + err1
     assert "4 device(s) on 1 host(s)" in one.stdout and "4 device(s) on 2 host(s)" in out0
     assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []  # Gloo's own lines only
     steps = [r["step"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "train_loss" in r]
-    assert steps == [1, 2, 3]  # written once, by process 0
+    assert steps == [1, 2, 3, 4]  # written once, by process 0
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     a, b = final_params(tmp_path / "two"), final_params(tmp_path / "one")
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     assert diff <= 3 * reorder_noise, (diff, reorder_noise)
 
-    on_one = cli(*args, "--max-steps", "4", "--workdir", tmp_path / "two", env=four_devices)
-    (c0, out0, err0), (c1, _, err1) = finish(start_processes([*args, "--max-steps", "4", "--workdir",
-                                                              tmp_path / "one"]))
+    step4 = losses(tmp_path / "one")[4]
+    for wd in (tmp_path / "one", tmp_path / "two"):  # as if each had stopped after step 3
+        shutil.rmtree(wd / "checkpoints" / "4")
+    on_one = cli(*args, "--workdir", tmp_path / "two", env=four_devices)
+    (c0, out0, err0), (c1, _, err1) = finish(start_processes([*args, "--workdir", tmp_path / "one"]))
     assert on_one.returncode == 0 and c0 == 0 and c1 == 0, on_one.stderr + err0 + err1
     for out, wd in ((on_one.stdout, tmp_path / "two"), (out0, tmp_path / "one")):
-        assert "resumed from" in out and "at step 3" in out and np.isfinite(losses(wd)[4]), out
+        assert "resumed from" in out and "at step 3" in out, out
+        assert losses(wd)[4] == pytest.approx(step4, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -374,19 +383,24 @@ def test_preempted_and_killed_hosts(tmp_path):
     once --host-timeout (JAX's heartbeat timeout) passes, instead of hanging in the next collective, and
     rerunning both resumes from the last checkpoint."""
     wd = tmp_path / "wd"
-    args = [*SMALL, "--dataset", "synthetic", "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "2",
-            "--host-timeout", "10", "--workdir", wd]
-    procs = start_processes([*args, "--max-steps", "500"])
-    wait_for_step(procs[0], wd, 3)
-    procs[0].send_signal(signal.SIGTERM)
-    results = finish(procs, timeout=300)
-    assert [code for code, _, _ in results] == [75, 75], results
-    stopped = {int(err.split("preempted at step ")[1].split(":")[0]) for _, _, err in results}
-    assert len(stopped) == 1, stopped  # the same step on both hosts
-    (step,) = stopped
-    assert (wd / "checkpoints" / str(step)).is_dir()
+    args = [*MULTI_HOST, "--checkpoint-every", "2", "--host-timeout", "10", "--max-steps", "500", "--workdir", wd]
 
-    procs = start_processes([*args, "--max-steps", "500"])
+    def preempt(procs: list[subprocess.Popen], after: int) -> tuple[int, str]:
+        """SIGTERM to process 0 once the checkpoint of step ``after`` is written: both stop at one step with exit
+        75; that step and process 0's output."""
+        deadline = time.time() + 300
+        while not (wd / "checkpoints" / str(after)).is_dir() and time.time() < deadline and procs[0].poll() is None:
+            time.sleep(0.02)
+        procs[0].send_signal(signal.SIGTERM)
+        results = finish(procs, timeout=300)
+        assert [code for code, _, _ in results] == [75, 75], results
+        stopped = {int(err.split("preempted at step ")[1].split(":")[0]) for _, _, err in results}
+        assert len(stopped) == 1, stopped  # the same step on both hosts
+        assert (wd / "checkpoints" / str(min(stopped))).is_dir()
+        return stopped.pop(), results[0][1]
+
+    step, _ = preempt(start_processes(args), 2)
+    procs = start_processes(args)
     wait_for_step(procs[0], wd, step + 3)
     procs[1].kill()
     killed = time.time()
@@ -397,9 +411,8 @@ def test_preempted_and_killed_hosts(tmp_path):
     assert code != 0 and waited < 60
     procs[1].communicate()
     saved = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
-    (c0, out0, err0), (c1, _, err1) = finish(start_processes([*args, "--max-steps", str(saved + 2)]))
-    assert c0 == 0 and c1 == 0, err0 + err1
-    assert f"at step {saved}" in out0 and max(losses(wd)) == saved + 2
+    _, out = preempt(start_processes(args), saved + 2)
+    assert "resumed from" in out and f"at step {saved}" in out, out
 
 
 @pytest.mark.slow
