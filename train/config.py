@@ -79,7 +79,9 @@ class TrainConfig:
                        metavar="N", minimum=1, on_resume="free")
     max_steps: int | None = flag(None, "stop after N steps in all (overrides --epochs)", "optimisation",
                                  metavar="N", minimum=1, on_resume="free")
-    optimizer: str = flag("adamw", "optimizer", "optimisation", choices=["sgd", "adamw"], on_resume="fixed")
+    optimizer: str = flag("adamw", "optimizer: sgd, adamw, lamb (timm's Lamb, as ResNet strikes back uses it) or "
+                                   "lars (MLPerf's LARS; takes --momentum and --nesterov as sgd does)", "optimisation",
+                          choices=["sgd", "adamw", "lamb", "lars"], on_resume="fixed")
     lr: float = flag(1e-4, "peak learning rate at batch size 256 (scaled by --lr-scaling)", "optimisation",
                      metavar="X", above=0)
     lr_scaling: str = flag("linear", "linear: peak lr = LR * batch_size / 256", "optimisation",

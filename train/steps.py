@@ -21,6 +21,7 @@ from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_o
 from resnet_flax.model import ResNet
 from train.config import TrainConfig
 from train.mixing import erase_boxes, mix_batch, mix_key
+from train.optim import lamb, lars
 from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Batch = dict[str, jax.Array]
@@ -44,7 +45,7 @@ class OptimConfig:
     """
 
     total_steps: int
-    optimizer: str = TrainConfig.optimizer  # "sgd" | "adamw"
+    optimizer: str = TrainConfig.optimizer  # "sgd" | "adamw" | "lamb" | "lars"
     lr: float = TrainConfig.lr
     warmup_steps: int = TrainConfig.warmup_steps
     weight_decay: float = TrainConfig.weight_decay
@@ -82,14 +83,19 @@ def decay_mask(params: nnx.State) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """SGD (Nesterov) momentum or AdamW on the warm-up + cosine schedule, decay masked as above."""
+    """SGD (Nesterov) momentum, AdamW, timm's LAMB or MLPerf's LARS on the warm-up + cosine schedule, decay (and
+    LAMB's/LARS's layer-wise adaptation) masked as above."""
     sched = lr_schedule(cfg)
     if cfg.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
                            optax.sgd(sched, momentum=cfg.momentum, nesterov=cfg.nesterov))
     if cfg.optimizer == "adamw":
         return optax.adamw(sched, weight_decay=cfg.weight_decay, mask=decay_mask)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+    if cfg.optimizer == "lamb":
+        return lamb(sched, cfg.weight_decay, decay_mask)
+    if cfg.optimizer == "lars":
+        return lars(sched, cfg.weight_decay, decay_mask, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adamw, lamb or lars")
 
 
 def create_train_state(model: ResNet, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
