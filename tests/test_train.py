@@ -107,25 +107,61 @@ def test_tfds_mock_data(tmp_path, capsys):
     assert run["class_names"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted(folder, tmp_path):
-    args = [*SMALL, "--data-dir", folder, "--max-steps", "12", "--checkpoint-every", "2", "--log-every", "1"]
-    # The reference reads through worker processes (the default), the killed and resumed runs in-process: the
-    # batches must not depend on how they are read, and a full run with workers leaves nothing leaked (Python's
-    # resource tracker prints "leaked shared_memory" / "leaked semaphore" into the run's stderr otherwise).
-    ref = cli(*with_workers(args, 2), "--workdir", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr
-    assert "leaked" not in ref.stderr, ref.stderr
+INTERRUPTED = [*SMALL, "--max-steps", "12", "--log-every", "1"]  # + --data-dir: the runs that are stopped
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory) -> Path:
+    """The workdir of INTERRUPTED run to its end without a stop, reading in-process: what every interrupted and
+    resumed run must end equal to. Made once per test run, also under xdist (the first worker to ask makes it
+    under a lock in the run's shared folder; the others wait and read it)."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "uninterrupted"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "done").exists():
+            # the folder fixture is per worker, but its images are the same (seeded): the data-dir differs only
+            ref = cli(*INTERRUPTED, "--data-dir", folder, "--workdir", shared / "wd")
+            assert ref.returncode == 0, ref.stderr
+            (shared / "done").touch()
+    return shared / "wd"
+
+
+def assert_ends_as(wd: Path, ref: Path) -> None:
+    """``wd``'s run logged the same losses and ended with the same parameters as ``ref``'s (to 1e-6)."""
+    assert losses(wd) == pytest.approx(losses(ref), rel=1e-6)
+    a, b = final_params(wd), final_params(ref)
+    assert a.keys() == b.keys()
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_worker_and_resume_equals_uninterrupted(folder, tmp_path, uninterrupted):
+    """SIGKILL mid-run (no clean-up possible): the worker processes die with the run instead of living on with ppid
+    1; a half-written later checkpoint is ignored; the rerun ends where the uninterrupted run ends. The killed and
+    resumed runs read through worker processes (the default), the reference in-process: the batches must not
+    depend on how they are read, and a full run with workers leaks nothing (Python's resource tracker prints
+    "leaked shared_memory" / "leaked semaphore" into the run's stderr otherwise)."""
+    args = [*with_workers(INTERRUPTED, 2), "--data-dir", folder, "--checkpoint-every", "2"]
     wd = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--workdir", str(wd)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (wd / "checkpoints" / "4").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    workers = descendants(proc.pid)
+    assert workers, "no worker processes were started"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    deadline = time.time() + 10
+    while alive(workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert alive(workers) == set(), "worker processes outlived a SIGKILLed run"
     killed_at = max(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert killed_at < 12
     # a half-written checkpoint of a later step, as a crash during a save leaves it
@@ -133,12 +169,8 @@ def test_sigkill_and_resume_equals_uninterrupted(folder, tmp_path):
 
     resumed = cli(*args, "--workdir", wd)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    assert losses(wd) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6)
-    a, b = final_params(wd), final_params(tmp_path / "ref")
-    assert a.keys() == b.keys()
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    assert worst <= 1e-6, worst
+    assert "resumed from" in resumed.stdout and "leaked" not in resumed.stderr, resumed.stderr
+    assert_ends_as(wd, uninterrupted)
 
 
 @pytest.mark.slow
@@ -205,13 +237,10 @@ def wait_for_step(proc: subprocess.Popen, wd: Path, step: int, timeout: float = 
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(folder, tmp_path):
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(folder, tmp_path, uninterrupted):
     """Preemption: SIGTERM mid-epoch finishes the step in flight, writes a checkpoint at it, says so in one line,
     exits 75, and ends its worker processes; the rerun ends where an uninterrupted run ends."""
-    args = [*with_workers(SMALL, 2), "--data-dir", folder, "--max-steps", "12", "--checkpoint-every", "100",
-            "--log-every", "1"]
-    ref = cli(*args, "--workdir", tmp_path / "ref")
-    assert ref.returncode == 0, ref.stderr
+    args = [*with_workers(INTERRUPTED, 2), "--data-dir", folder, "--checkpoint-every", "100"]
     wd = tmp_path / "preempted"
     proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--workdir", str(wd)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -234,27 +263,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly_leaving_no_process(fol
     print(f"SIGTERM to exit: {exit_seconds:.1f} s (stopped at step {stopped})")
     resumed = cli(*args, "--workdir", wd)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
-    assert losses(wd) == pytest.approx(losses(tmp_path / "ref"), rel=1e-6)
-    a, b = final_params(wd), final_params(tmp_path / "ref")
-    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
-
-
-@pytest.mark.slow
-def test_sigkill_leaves_no_worker_process_behind(folder, tmp_path):
-    """Worker processes die with the run even when it cannot clean up (SIGKILL), instead of living on with ppid 1."""
-    wd = tmp_path / "wd"
-    args = [*with_workers(SMALL, 2), "--data-dir", folder, "--max-steps", "200", "--log-every", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "train", *map(str, args), "--workdir", str(wd)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_step(proc, wd, 2)
-    workers = descendants(proc.pid)
-    assert workers, "no worker processes were started"
-    proc.kill()
-    proc.wait()
-    deadline = time.time() + 10
-    while alive(workers) and time.time() < deadline:
-        time.sleep(0.05)
-    assert alive(workers) == set(), "worker processes outlived a SIGKILLed run"
+    assert_ends_as(wd, uninterrupted)
 
 
 def reordering_noise(perms: list[np.ndarray]) -> float:
