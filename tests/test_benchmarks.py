@@ -166,7 +166,7 @@ def test_host_tags_name_the_isa():
 
 
 def test_committed_results_name_their_host_and_command():
-    """Every committed speed result says where and how it was measured."""
+    """Every committed result says where and how it was measured: a benchmark command, or the parity tests."""
     import json
     from pathlib import Path
 
@@ -177,14 +177,16 @@ def test_committed_results_name_their_host_and_command():
     for path in files:
         rec = json.loads(path.read_text())
         assert rec["kind"] in KINDS and path.name.startswith(rec["kind"] + "-"), path.name
-        assert rec["command"].startswith("python -m benchmarks"), path.name
+        measured_by = "python -m pytest" if rec["kind"].startswith("parity") else "python -m benchmarks"
+        assert rec["command"].startswith(measured_by), path.name
+        assert not rec["kind"].startswith("parity") or "tests/test_parity.py" in rec["command"], path.name
         host = rec["host"]
         assert host.get("gpu") or (host.get("cpu") and host.get("isa")), path.name
         assert rec["rows"] and rec["versions"], path.name
 
 
 def test_docs_tables_are_rendered_from_the_committed_results():
-    """docs/performance.md and docs/tpu-sizing.md are what `python -m benchmarks.render` makes of
+    """docs/performance.md, docs/tpu-sizing.md and docs/parity.md are what `python -m benchmarks.render` makes of
     benchmarks/results/, and every result file appears in a page."""
     from benchmarks import render
 
