@@ -141,3 +141,168 @@ def test_optimizer_equals_its_reference(case):
         assert max_diff(exact, params) > 1e4 * theirs[-1]  # the steps moved the parameters far beyond the noise
     assert max(ours64) <= 4 * 2.0**-29, (ours64, theirs)
     assert max(ours) <= 2 * max(theirs), (ours, theirs)
+
+
+def bce_inputs(dtype: str) -> list[tuple]:
+    """(logits, class indices or timm's dense targets, our [batch, classes] targets, smoothing, threshold): one-hot
+    targets smoothed by the loss (RSB without mixing), mixed targets smoothed before mixing as timm's Mixup does,
+    and RSB's target threshold on both."""
+    from train.mixing import mixup
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (16, 10))
+    labels = rng.integers(0, 10, 16)
+    one_hot = np.eye(10)[labels]
+    lam = 0.63
+    smoothed = one_hot * 0.9 + 0.1 / 10
+    timm_mixed = smoothed * lam + np.roll(smoothed, 1, axis=0) * (1 - lam)  # timm's mixup_target, our pairing
+    _, ours_mixed = mixup(np.zeros((16, 1, 1, 1), np.float32), one_hot.astype(np.float32), np.ones(16, np.float32),
+                          lam)
+    cases = []
+    for thresh in (None, 0.2):
+        cases.append((logits, labels, one_hot, 0.1, thresh))
+        cases.append((logits, timm_mixed.astype(dtype), np.asarray(ours_mixed), 0.1, thresh))
+    return cases
+
+
+def test_bce_equals_timms_binary_cross_entropy():
+    """Our loss on the same logits and targets as timm's ``BinaryCrossEntropy`` (smoothing 0.1 for class indices;
+    0 for dense targets that timm's Mixup smoothed, as timm's train.py builds it): in float32 within 2x of timm's
+    own float32 error against its float64 result."""
+    import jax.numpy as jnp
+    from timm.loss import BinaryCrossEntropy
+
+    from train.steps import binary_cross_entropy
+
+    for logits, target, ours_targets, smoothing, thresh in bce_inputs("float64"):
+        dense = target.ndim == 2
+        ref = BinaryCrossEntropy(smoothing=0.0 if dense else smoothing, target_threshold=thresh)
+
+        def timm(dtype: torch.dtype) -> float:
+            t = torch.tensor(target, dtype=dtype) if dense else torch.tensor(target)
+            return float(ref(torch.tensor(logits, dtype=dtype), t))
+
+        exact = timm(torch.float64)
+        theirs = abs(timm(torch.float32) - exact)
+        ours = float(jnp.mean(binary_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(ours_targets),
+                                                   smoothing, thresh)))
+        assert abs(ours - exact) <= 2 * max(theirs, np.spacing(np.float32(exact))), (dense, thresh, ours, exact, theirs)
+
+
+def tiny_model(bn: bool):
+    """A conv (+ BatchNorm) + linear head with the ResNet's call signature: what ``train_step`` needs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs) if bn else None
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x, mask=None):
+            x = self.conv(x)
+            if self.bn is not None:
+                x = self.bn(x, mask=None if mask is None else jnp.broadcast_to(mask[:, None, None, None] > 0, x.shape))
+            return self.fc(jnp.mean(jax.nn.relu(x), axis=(1, 2)))
+
+    return Tiny(nnx.Rngs(0))
+
+
+def accum_step(k: int, bn: bool, dtype: str, images: np.ndarray, labels: np.ndarray, mask: np.ndarray, **kw):
+    """(state after one ``train_step`` with ``grad_accum_steps=k``, its metrics) of the tiny model, SGD."""
+    import jax
+
+    from train.steps import create_train_state, train_step
+
+    cfg = OptimConfig(total_steps=10**9, optimizer="sgd", lr=0.5, warmup_steps=0, weight_decay=1e-4,
+                      label_smoothing=0.1, grad_accum_steps=k, **kw)
+    tx = make_optimizer(cfg)
+    graphdef, state = create_train_state(tiny_model(bn), tx)
+    with jax.enable_x64(dtype == "float64"):  # the same initial values, in float64
+        state = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, state)
+        batch = {"image": images.astype(dtype), "label": labels, "mask": mask.astype(dtype)}
+        new, metrics = jax.jit(lambda s, b: train_step(graphdef, tx, cfg, s, b))(state, batch)
+        return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get((new, metrics))), state
+
+
+def flat(tree) -> np.ndarray:
+    import jax
+
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+def accum_batch(n: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    mask = np.ones(n, np.float32)
+    mask[5] = 0  # an unreadable image: out of the loss and the statistics, in whichever micro-batch
+    return rng.normal(0, 1, (n, 6, 6, 3)), rng.integers(0, 3, n).astype(np.int32), mask
+
+
+def test_accumulated_step_equals_the_big_batch_without_batchnorm():
+    """Without BatchNorm, two micro-batches of 8 give the update of one batch of 16: as close to the float64
+    big-batch step as the float32 big-batch step itself, within 2x (the same sums in another order). With mixup/
+    cutmix (drawn once over the whole batch) and BCE, whose float64 run draws other mixing values, the accumulated
+    step equals the float32 big-batch step within 3x that noise (2x plus the big batch's own). The optimizer
+    state keeps its layout, so a checkpoint resumes with or without accumulation."""
+    import jax
+
+    images, labels, mask = accum_batch()
+    (exact, _), _ = accum_step(1, False, "float64", images, labels, mask)
+    (big, _), state1 = accum_step(1, False, "float32", images, labels, mask)
+    (accum, _), state2 = accum_step(2, False, "float32", images, labels, mask)
+    noise = np.max(np.abs(flat(big.params) - flat(exact.params)))
+    assert 0 < noise < 1e-5
+    assert np.max(np.abs(flat(accum.params) - flat(exact.params))) <= 2 * noise
+    assert np.max(np.abs(flat(exact.params) - flat(state1.params))) > 1e3 * noise  # the step moved them
+    assert jax.tree.structure(state1.opt_state) == jax.tree.structure(state2.opt_state)
+    mixed = {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "loss": "bce"}
+    (big, _), _ = accum_step(1, False, "float32", images, labels, mask, **mixed)
+    (accum, _), _ = accum_step(2, False, "float32", images, labels, mask, **mixed)
+    assert np.max(np.abs(flat(accum.params) - flat(big.params))) <= 3 * noise
+
+
+def micro_batch_reference(dtype: str, images: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> tuple:
+    """(params, batch stats) after SGD on the summed gradients of two micro-batches (rows 0, 2, ... and 1, 3, ...),
+    each normalised by its own BatchNorm statistics and each its share of the batch's mean loss, the running
+    statistics updated by one then the other: accumulation as PyTorch code does it, written out."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from train.steps import create_train_state, cross_entropy
+
+    cfg = OptimConfig(total_steps=10**9, optimizer="sgd", lr=0.5, warmup_steps=0, weight_decay=1e-4,
+                      label_smoothing=0.1)
+    tx = make_optimizer(cfg)
+    graphdef, state = create_train_state(tiny_model(True), tx)
+    with jax.enable_x64(dtype == "float64"):
+        state = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, state)
+        count = float(max(mask.sum(), 1))
+
+        def loss(model, x, y, m):
+            return jnp.sum(cross_entropy(model(x, m), y, 3, 0.1) * m) / count
+
+        grads, stats = jax.tree.map(jnp.zeros_like, state.params), state.batch_stats
+        for k in range(2):
+            model = nnx.merge(graphdef, state.params, stats)
+            g = nnx.grad(loss)(model, jnp.asarray(images[k::2], dtype), labels[k::2], jnp.asarray(mask[k::2], dtype))
+            grads, stats = jax.tree.map(jnp.add, grads, g), nnx.state(model, nnx.BatchStat)
+        updates, _ = tx.update(grads, state.opt_state, state.params)
+        return jax.tree.map(lambda x: np.asarray(x, np.float64), (optax.apply_updates(state.params, updates), stats))
+
+
+def test_accumulated_step_with_batchnorm_equals_the_micro_batches():
+    """With BatchNorm each micro-batch is normalised by its own statistics (as in PyTorch, torchvision's and timm's
+    accumulation alike), so the update is not the big batch's; it equals the micro-batches' written out, as close
+    to their float64 result as their own float32 result is, within 2x."""
+    images, labels, mask = accum_batch()
+    exact = micro_batch_reference("float64", images, labels, mask)
+    noise = np.max(np.abs(flat(micro_batch_reference("float32", images, labels, mask)) - flat(exact)))
+    (accum, _), _ = accum_step(2, True, "float32", images, labels, mask)
+    (big, _), _ = accum_step(1, True, "float32", images, labels, mask)
+    assert 0 < noise < 1e-5
+    assert np.max(np.abs(flat((accum.params, accum.batch_stats)) - flat(exact))) <= 2 * noise
+    assert np.max(np.abs(flat((big.params, big.batch_stats)) - flat(exact))) > 1e3 * noise  # BN makes them differ

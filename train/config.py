@@ -94,6 +94,16 @@ class TrainConfig:
     nesterov: bool = flag(True, "plain (not Nesterov) SGD momentum", "optimisation")
     label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy targets", "optimisation", metavar="X",
                                   minimum=0, below=1)
+    loss: str = flag("ce", "training loss: ce (softmax cross-entropy) or bce (timm's BinaryCrossEntropy, as ResNet "
+                           "strikes back uses it: a sigmoid per class, mean over classes and examples, the one-hot or "
+                           "mixed targets smoothed by --label-smoothing)", "optimisation", choices=["ce", "bce"])
+    bce_target_thresh: float | None = flag(None, "with --loss bce: targets above X become 1, the others 0 (timm's "
+                                                 "--bce-target-thresh)", "optimisation", metavar="X", minimum=0,
+                                           below=1)
+    grad_accum_steps: int = flag(1, "split each global batch into K micro-batches, one after the other in the step, "
+                                    "and update once with their summed gradients (for a --batch-size that does not "
+                                    "fit the devices; BatchNorm statistics are then per micro-batch)",
+                                 "optimisation", metavar="K", minimum=1)
     seed: int = flag(0, "seed for init, shuffling, augmentation", "optimisation", metavar="N")
     # run
     workdir: AnyPath = flag(Path("workdir"), "checkpoints, metrics.jsonl, TensorBoard events and the plot go here "
@@ -212,6 +222,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         p.error("--coordinator HOST:PORT, --num-processes N and --process-id I go together")
     if cfg.process_id is not None and cfg.process_id >= cfg.num_processes:
         p.error(f"--process-id {cfg.process_id}: must be below --num-processes {cfg.num_processes}")
+    if cfg.bce_target_thresh is not None and cfg.loss != "bce":
+        p.error("--bce-target-thresh applies to --loss bce only")
+    if cfg.batch_size % cfg.grad_accum_steps:
+        p.error(f"--batch-size {cfg.batch_size}: must be a multiple of --grad-accum-steps {cfg.grad_accum_steps}")
     if cfg.eval_only and cfg.init_from is None and not (cfg.workdir / "checkpoints").is_dir():
         p.error("--eval-only needs --init-from PATH or a --workdir with checkpoints")
     return cfg

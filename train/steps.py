@@ -52,6 +52,9 @@ class OptimConfig:
     momentum: float = TrainConfig.momentum
     nesterov: bool = TrainConfig.nesterov
     label_smoothing: float = TrainConfig.label_smoothing
+    loss: str = TrainConfig.loss  # "ce" | "bce"
+    bce_target_thresh: float | None = TrainConfig.bce_target_thresh
+    grad_accum_steps: int = TrainConfig.grad_accum_steps
     mixup_alpha: float = TrainConfig.mixup_alpha
     cutmix_alpha: float = TrainConfig.cutmix_alpha
     seed: int = TrainConfig.seed  # the mixing draws': one key per (seed, step)
@@ -62,8 +65,9 @@ class OptimConfig:
         return cls(total_steps=total_steps, optimizer=cfg.optimizer,
                    lr=scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr,
                    warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                   nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing, mixup_alpha=cfg.mixup_alpha,
-                   cutmix_alpha=cfg.cutmix_alpha, seed=cfg.seed)
+                   nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing, loss=cfg.loss,
+                   bce_target_thresh=cfg.bce_target_thresh, grad_accum_steps=cfg.grad_accum_steps,
+                   mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, seed=cfg.seed)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
@@ -121,6 +125,17 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float =
     return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, smoothing) if smoothing else targets)
 
 
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0,
+                         threshold: float | None = None) -> jax.Array:
+    """Per-example timm ``BinaryCrossEntropy``: [batch, classes] probability targets smoothed as timm smooths them
+    (``1 - s + s / classes`` and ``s / classes`` for one-hot), 1 above ``threshold`` and 0 else when given, then a
+    sigmoid cross-entropy per class, averaged over the classes."""
+    t = optax.smooth_labels(targets, smoothing) if smoothing else targets
+    if threshold is not None:
+        t = (t > threshold).astype(logits.dtype)
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, t), axis=-1)
+
+
 def normalize_images(images: jax.Array, mask: jax.Array) -> jax.Array:
     """uint8 images -> float32 ``ToTensor`` + ``Normalize`` (ImageNet mean/std) on the device, masked-out
     examples zeroed (as the host transform's blanks); float images are taken as already normalised."""
@@ -150,38 +165,72 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     ``state_finite`` checks the state this step returns (the one a checkpoint would save), not just the loss
     computed before the update. Random erasing's boxes (``batch["erase"]``) and mixup/cutmix apply after the
     normalisation, in torchvision's order; with mixing, the targets are soft and top-1 counts their argmax.
+    With ``grad_accum_steps`` K > 1 the (erased, mixed) batch is split into K micro-batches (example i in
+    micro-batch i % K, so each device keeps its share) run one after the other; each one's loss is its share of
+    the batch's mean, so the summed gradients are the batch's, except that BatchNorm normalises each micro-batch
+    by its own statistics and updates its running statistics K times.
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
-    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
-
-    def loss_fn(model):
-        images = normalize_images(batch["image"], batch["mask"])
-        if "erase" in batch:
-            images = erase_boxes(images, batch["erase"])
-        if not mixing:
-            logits = model(images, batch["mask"])
-            ce = cross_entropy(logits, batch["label"], logits.shape[-1], cfg.label_smoothing)
-            return _masked_mean(ce, batch["mask"]), (logits, batch["label"])
-        targets = jax.nn.one_hot(batch["label"], model.fc.out_features)
-        images, targets = mix_batch(mix_key(cfg.seed, state.step), images, targets, batch["mask"], cfg.mixup_alpha,
+    mask, labels, targets = batch["mask"], batch["label"], None
+    images = normalize_images(batch["image"], mask)
+    if "erase" in batch:
+        images = erase_boxes(images, batch["erase"])
+    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+        images, targets = mix_batch(mix_key(cfg.seed, state.step), images,
+                                    jax.nn.one_hot(labels, model.fc.out_features), mask, cfg.mixup_alpha,
                                     cfg.cutmix_alpha)
-        logits = model(images, batch["mask"])
-        ce = soft_cross_entropy(logits, targets, cfg.label_smoothing)
-        return _masked_mean(ce, batch["mask"]), (logits, jnp.argmax(targets, -1))
+        labels = jnp.argmax(targets, -1)
+    elif cfg.loss == "bce":
+        targets = jax.nn.one_hot(labels, model.fc.out_features)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
 
-    (loss, (logits, labels)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)  # grads w.r.t. nnx.Param
-    batch_stats = nnx.state(model, nnx.BatchStat)
+    def loss_fn(model, images, labels, targets, mask):
+        logits = model(images, mask)
+        if cfg.loss == "bce":
+            losses = binary_cross_entropy(logits, targets, cfg.label_smoothing, cfg.bce_target_thresh)
+        elif targets is None:
+            losses = cross_entropy(logits, labels, logits.shape[-1], cfg.label_smoothing)
+        else:
+            losses = soft_cross_entropy(logits, targets, cfg.label_smoothing)
+        return jnp.sum(losses * mask) / count, logits
+
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)  # grads w.r.t. nnx.Param
+    if cfg.grad_accum_steps == 1:
+        (loss, logits), grads = grad_fn(model, images, labels, targets, mask)
+        batch_stats = nnx.state(model, nnx.BatchStat)
+    else:
+        loss, logits, grads, batch_stats = _accumulate(graphdef, state, grad_fn, cfg.grad_accum_steps,
+                                                       (images, labels, targets, mask))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train_loss": loss,
-        "train_top1": _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), batch["mask"]),
+        "train_top1": _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask),
         "grad_norm": optax.tree.norm(grads),
         "lr": lr_schedule(cfg)(state.step),
         "state_finite": all_finite(params, batch_stats),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
+
+
+def _accumulate(graphdef: nnx.GraphDef, state: TrainState, grad_fn: Callable, k: int, inputs: tuple
+                ) -> tuple[jax.Array, jax.Array, nnx.State, nnx.State]:
+    """(loss, logits, summed gradients, batch stats) of ``inputs`` run as ``k`` micro-batches under ``lax.scan``."""
+    def split(x: jax.Array) -> jax.Array:  # [B, ...] -> [k, B / k, ...]; row i goes to micro-batch i % k
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    def micro_step(carry, micro):
+        params, grads, batch_stats = carry  # params ride along: NNX takes no arrays from outside the scan's trace
+        model = nnx.merge(graphdef, params, batch_stats)
+        (loss, logits), g = grad_fn(model, *micro)
+        return (params, jax.tree.map(jnp.add, grads, g), nnx.state(model, nnx.BatchStat)), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (_, grads, batch_stats), (losses, logits) = jax.lax.scan(
+        micro_step, (state.params, zeros, state.batch_stats), jax.tree.map(split, inputs))
+    logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])  # back in the batch's order
+    return jnp.sum(losses), logits, grads, batch_stats
 
 
 def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
