@@ -306,3 +306,39 @@ def test_accumulated_step_with_batchnorm_equals_the_micro_batches():
     assert 0 < noise < 1e-5
     assert np.max(np.abs(flat((accum.params, accum.batch_stats)) - flat(exact))) <= 2 * noise
     assert np.max(np.abs(flat((big.params, big.batch_stats)) - flat(exact))) > 1e3 * noise  # BN makes them differ
+
+
+@pytest.mark.slow
+def test_cli_trains_with_lamb_bce_and_accumulation_and_resumes_exactly(tmp_path):
+    """``python -m train --optimizer lamb --loss bce --grad-accum-steps 2`` with mixing: three steps on an image
+    folder, then the step-3 checkpoint removed and the run resumed from step 2 gives step 3's loss again, exactly."""
+    import shutil
+
+    from PIL import Image
+
+    from train.__main__ import main as train_main
+    from train.metrics import read_metrics
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("red", "green", "blue")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(8):
+            img = rng.integers(0, 90, (40, 48, 3), dtype=np.uint8)
+            img[..., c] += 150
+            Image.fromarray(img).save(tmp_path / "images" / name / f"{i}.jpg", quality=90)
+    args = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--no-progress",
+            "--optimizer", "lamb", "--loss", "bce", "--bce-target-thresh", "0.2", "--grad-accum-steps", "2",
+            "--mixup-alpha", "0.1", "--cutmix-alpha", "1.0", "--lr", "5e-3", "--lr-scaling", "none",
+            "--warmup-steps", "1", "--weight-decay", "0.02", "--max-steps", "3", "--log-every", "1",
+            "--checkpoint-every", "1", "--data-dir", str(tmp_path / "images"), "--workdir", str(tmp_path / "wd")]
+
+    def losses() -> dict[int, float]:
+        return {r["step"]: r["train_loss"] for r in read_metrics(tmp_path / "wd" / "metrics.jsonl")
+                if "train_loss" in r}
+
+    assert train_main(args) == 0
+    first = losses()
+    assert sorted(first) == [1, 2, 3] and all(np.isfinite(v) for v in first.values()), first
+    shutil.rmtree(tmp_path / "wd" / "checkpoints" / "3")
+    assert train_main(args) == 0
+    assert losses()[3] == first[3]
