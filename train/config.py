@@ -90,8 +90,8 @@ class TrainConfig:
                              minimum=0)
     weight_decay: float = flag(0.05, "decoupled weight decay on conv/linear kernels (never BatchNorm or biases)",
                                "optimisation", metavar="X", minimum=0)
-    momentum: float = flag(0.9, "SGD momentum", "optimisation", metavar="X", minimum=0, below=1)
-    nesterov: bool = flag(True, "plain (not Nesterov) SGD momentum", "optimisation")
+    momentum: float = flag(0.9, "momentum of sgd and lars", "optimisation", metavar="X", minimum=0, below=1)
+    nesterov: bool = flag(True, "plain (not Nesterov) momentum for sgd and lars", "optimisation")
     label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy targets", "optimisation", metavar="X",
                                   minimum=0, below=1)
     loss: str = flag("ce", "training loss: ce (softmax cross-entropy) or bce (timm's BinaryCrossEntropy, as ResNet "
