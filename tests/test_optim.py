@@ -333,13 +333,18 @@ def micro_batch_reference(dtype: str, images: np.ndarray, labels: np.ndarray, ma
         def loss(model, x, y, m):
             return jnp.sum(cross_entropy(model(x, m), y, 3, 0.1) * m) / count
 
-        grads, stats = jax.tree.map(jnp.zeros_like, state.params), state.batch_stats
-        for k in range(2):
-            model = nnx.merge(graphdef, state.params, stats)
-            g = nnx.grad(loss)(model, jnp.asarray(images[k::2], dtype), labels[k::2], jnp.asarray(mask[k::2], dtype))
-            grads, stats = jax.tree.map(jnp.add, grads, g), nnx.state(model, nnx.BatchStat)
-        updates, _ = tx.update(grads, state.opt_state, state.params)
-        return jax.tree.map(lambda x: np.asarray(x, np.float64), (optax.apply_updates(state.params, updates), stats))
+        @jax.jit
+        def step(state):
+            grads, stats = jax.tree.map(jnp.zeros_like, state.params), state.batch_stats
+            for k in range(2):
+                model = nnx.merge(graphdef, state.params, stats)
+                g = nnx.grad(loss)(model, jnp.asarray(images[k::2], dtype), labels[k::2],
+                                   jnp.asarray(mask[k::2], dtype))
+                grads, stats = jax.tree.map(jnp.add, grads, g), nnx.state(model, nnx.BatchStat)
+            updates, _ = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), stats
+
+        return jax.tree.map(lambda x: np.asarray(x, np.float64), step(state))
 
 
 def test_accumulated_step_with_batchnorm_equals_the_micro_batches():
@@ -359,7 +364,8 @@ def test_accumulated_step_with_batchnorm_equals_the_micro_batches():
 @pytest.mark.slow
 def test_cli_trains_with_lamb_bce_and_accumulation_and_resumes_exactly(tmp_path):
     """``python -m train --optimizer lamb --loss bce --grad-accum-steps 2`` with mixing: three steps on an image
-    folder, then the step-3 checkpoint removed and the run resumed from step 2 gives step 3's loss again, exactly."""
+    folder, then the step-3 checkpoint removed and the run resumed from step 2 gives step 3's loss again, exactly;
+    ``train.predict`` loads the workdir."""
     import shutil
 
     from PIL import Image
@@ -390,3 +396,6 @@ def test_cli_trains_with_lamb_bce_and_accumulation_and_resumes_exactly(tmp_path)
     shutil.rmtree(tmp_path / "wd" / "checkpoints" / "3")
     assert train_main(args) == 0
     assert losses()[3] == first[3]
+    from train.predict import load_from_workdir
+
+    assert load_from_workdir(tmp_path / "wd")[1] == ["blue", "green", "red"]  # LAMB's state restores for predict
