@@ -88,11 +88,12 @@ class TrainConfig:
                            choices=["linear", "none"])
     warmup_steps: int = flag(20, "linear warm-up steps before the cosine decay", "optimisation", metavar="N",
                              minimum=0)
-    weight_decay: float = flag(0.05, "decoupled weight decay on conv/linear kernels (never BatchNorm or biases)",
+    weight_decay: float = flag(0.05, "weight decay on conv/linear kernels (never BatchNorm or biases): decoupled for "
+                                     "adamw, added to the gradient for sgd and lars, to Adam's update for lamb",
                                "optimisation", metavar="X", minimum=0)
     momentum: float = flag(0.9, "momentum of sgd and lars", "optimisation", metavar="X", minimum=0, below=1)
     nesterov: bool = flag(True, "plain (not Nesterov) momentum for sgd and lars", "optimisation")
-    label_smoothing: float = flag(0.1, "label smoothing of the cross-entropy targets", "optimisation", metavar="X",
+    label_smoothing: float = flag(0.1, "label smoothing of the loss's targets", "optimisation", metavar="X",
                                   minimum=0, below=1)
     loss: str = flag("ce", "training loss: ce (softmax cross-entropy) or bce (timm's BinaryCrossEntropy, as ResNet "
                            "strikes back uses it: a sigmoid per class, mean over classes and examples, the one-hot or "
