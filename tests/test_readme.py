@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 PIP = re.compile(r'^pip install -e (\.|"\.\[(\w+)\]")(\s+#.*)?$')
-TEST_COMMAND = "python -m pytest -q --slow"
+TEST_COMMAND = "python -m pytest -q"
 
 
 def blocks() -> list[tuple[str, str]]:
