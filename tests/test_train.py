@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUCKET
+from conftest import BUCKET, free_port
 from PIL import Image
 
 import resnet_flax
@@ -331,14 +331,6 @@ def reorder_noise() -> float:
     noise = reordering_noise([np.arange(8)[::-1], np.r_[4:8, 0:4], rng.permutation(8), rng.permutation(8)])
     assert 0 < noise < 1e-3, noise
     return noise
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_processes(args: list, n: int = 2, devices_each: int = 2) -> list[subprocess.Popen]:
