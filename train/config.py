@@ -88,6 +88,13 @@ class TrainConfig:
                            choices=["linear", "none"])
     warmup_steps: int = flag(20, "linear warm-up steps before the cosine decay", "optimisation", metavar="N",
                              minimum=0)
+    lr_warmup_epochs: int | None = flag(None, "warm-up length in epochs instead of --warmup-steps (torchvision's "
+                                              "flag)", "optimisation", metavar="N", minimum=0)
+    lr_warmup_decay: float = flag(0.0, "the linear warm-up starts at the peak lr times X (torchvision's "
+                                       "--lr-warmup-decay; its recipes use 0.01)", "optimisation", metavar="X",
+                                  minimum=0, maximum=1)
+    lr_min: float = flag(0.0, "the cosine decay ends at this learning rate (not scaled by --lr-scaling)",
+                         "optimisation", metavar="X", minimum=0)
     weight_decay: float = flag(0.05, "weight decay on conv/linear kernels (never BatchNorm or biases): decoupled for "
                                      "adamw, added to the gradient for sgd and lars, to Adam's update for lamb",
                                "optimisation", metavar="X", minimum=0)
@@ -106,6 +113,15 @@ class TrainConfig:
                                     "fit the devices; BatchNorm statistics are then per micro-batch)",
                                  "optimisation", metavar="K", minimum=1)
     seed: int = flag(0, "seed for init, shuffling, augmentation", "optimisation", metavar="N")
+    model_ema: bool = flag(False, "keep torchvision's exponential moving average of the weights and BatchNorm "
+                                  "statistics, evaluated beside the model (val_top1_ema, ...), checkpointed, used by "
+                                  "train.predict --ema; the best checkpoint is still chosen by the model's val_top1",
+                           "optimisation", on_resume="fixed")
+    model_ema_steps: int = flag(32, "update the EMA every N steps (at batch 0, N, 2N, ... of each epoch)",
+                                "optimisation", metavar="N", minimum=1)
+    model_ema_decay: float = flag(0.99998, "EMA decay before torchvision's adjustment: the decay applied is "
+                                           "1 - min(1, (1 - X) * batch_size * N / epochs)", "optimisation",
+                                  metavar="X", minimum=0, maximum=1)
     # run
     workdir: AnyPath = flag(Path("workdir"), "checkpoints, metrics.jsonl, TensorBoard events and the plot go here "
                                              "(a path or a URL: gs://bucket/run)", "run", metavar="DIR")

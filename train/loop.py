@@ -42,7 +42,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         fix = f"pass --batch-size {fits} or less" if fits else "add training images"
         raise RunError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images; {fix}")
     total_steps = cfg.max_steps or cfg.epochs * spe
-    optim = OptimConfig.for_run(cfg, total_steps)
+    optim = OptimConfig.for_run(cfg, total_steps, max(spe, 1))
 
     # The model: the workdir's own when resuming, else fresh or --init-from; then state and compiled steps.
     ckpts = None if cfg.eval_only and cfg.init_from else Checkpoints(cfg.workdir, cfg.keep_checkpoints)

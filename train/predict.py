@@ -23,8 +23,9 @@ from train.run_file import RUN_FILE
 from train.storage import AnyPath, StorageError, as_path, local_copy
 
 
-def load_from_workdir(workdir: AnyPath) -> tuple[ResNet, list[str], int]:
-    """The best (else latest) checkpoint of a training workdir, its class names and image size."""
+def load_from_workdir(workdir: AnyPath, ema: bool = False) -> tuple[ResNet, list[str], int]:
+    """The best (else latest) checkpoint of a training workdir (its EMA weights with ``ema``), its class names and
+    image size."""
     from train.checkpoint import Checkpoints
     from train.run_file import read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
@@ -34,31 +35,39 @@ def load_from_workdir(workdir: AnyPath) -> tuple[ResNet, list[str], int]:
         config = ResNetConfig.from_dict(run["model"])
         tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
         names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
+        has_ema = bool(run["flags"].get("model_ema", False))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "
                            "pass the --workdir of a complete run") from None
     if len(names) != config.num_classes:
         raise CheckpointError(f"{workdir / RUN_FILE} names {len(names)} classes for a {config.num_classes}-class "
                            "model (damaged?); pass the --workdir of a complete run")
-    graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx))
+    if ema and not has_ema:
+        raise CheckpointError(f"{workdir}: the run kept no EMA of its weights (trained without --model-ema); drop "
+                              "--ema")
+    graphdef, target = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx, has_ema))
     ckpts = Checkpoints(workdir, async_save=False)
     step = ckpts.best_step() or ckpts.latest_step()
     if step is None:
         raise CheckpointError(f"{workdir}: no checkpoint yet; train first or pass a weights file")
     state, _ = ckpts.restore(target, step)
     ckpts.close()
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    weights = state.ema if ema else state
+    model = nnx.merge(graphdef, weights.params, weights.batch_stats)
     model.eval()
     return model, names, size
 
 
-def load_predictor(checkpoint: AnyPath) -> tuple[ResNet, list[str], int | EvalTransform]:
-    """(model, class names, image size or the eval transform the file records) from a workdir, a converted file
-    or a PyTorch checkpoint, each a local path or a URL."""
+def load_predictor(checkpoint: AnyPath, ema: bool = False) -> tuple[ResNet, list[str], int | EvalTransform]:
+    """(model, class names, image size or the eval transform the file records) from a workdir (its EMA weights
+    with ``ema``), a converted file or a PyTorch checkpoint, each a local path or a URL."""
     if checkpoint.is_dir() and not (checkpoint / "config.json").exists():
         if not (checkpoint / RUN_FILE).exists():
             raise CheckpointError(f"{checkpoint}: not a training workdir (no run.json); pass the --workdir of a run")
-        return load_from_workdir(checkpoint)
+        return load_from_workdir(checkpoint, ema)
+    if ema:
+        raise CheckpointError(f"{checkpoint}: --ema takes a training --workdir; a weights file holds one set of "
+                              "weights (convert a timm checkpoint with --weights-set ema for its EMA)")
     from resnet_flax.loading import load_with_info
 
     with local_copy(checkpoint) as path:
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5, help="how many classes to print")
     p.add_argument("--image-size", type=int, help="crop size (default: the run's, the one the weights file "
                                                   "records, or 224)")
+    p.add_argument("--ema", action="store_true", help="use a workdir's EMA of the weights (a run with --model-ema), "
+                                                      "as timm's use_ema")
     p.add_argument("--compile-cache", metavar="DIR", help="where compiled programs are kept (default: as for "
                                                            "python -m train); 'off' to compile from scratch")
     args = p.parse_args(argv)
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"{path}: no such image file")
         if not args.checkpoint.exists():
             raise WeightsError(f"{args.checkpoint}: no such workdir or weights file")
-        model, names, size = load_predictor(args.checkpoint)
+        model, names, size = load_predictor(args.checkpoint, args.ema)
         probs = predict(model, args.images, args.image_size or size)
     except (CheckpointError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,13 +28,24 @@ Batch = dict[str, jax.Array]
 
 
 @flax.struct.dataclass
+class EmaState:
+    """torchvision's ``ExponentialMovingAverage`` of the weights: averaged parameters and BatchNorm statistics
+    (``use_buffers=True``) and its ``n_averaged`` counter (0: the next update copies the model)."""
+
+    params: nnx.State
+    batch_stats: nnx.State
+    n_averaged: jax.Array
+
+
+@flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training; a pytree."""
+    """Everything that changes during training; a pytree (``ema`` is None without ``--model-ema``)."""
 
     step: jax.Array
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
+    ema: EmaState | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,8 @@ class OptimConfig:
     optimizer: str = TrainConfig.optimizer  # "sgd" | "adamw" | "lamb" | "lars"
     lr: float = TrainConfig.lr
     warmup_steps: int = TrainConfig.warmup_steps
+    lr_warmup_decay: float = TrainConfig.lr_warmup_decay  # the warm-up starts at lr * this
+    lr_min: float = TrainConfig.lr_min
     weight_decay: float = TrainConfig.weight_decay
     momentum: float = TrainConfig.momentum
     nesterov: bool = TrainConfig.nesterov
@@ -58,16 +71,29 @@ class OptimConfig:
     mixup_alpha: float = TrainConfig.mixup_alpha
     cutmix_alpha: float = TrainConfig.cutmix_alpha
     seed: int = TrainConfig.seed  # the mixing draws': one key per (seed, step)
+    model_ema: bool = TrainConfig.model_ema
+    ema_steps: int = TrainConfig.model_ema_steps
+    ema_decay: float = TrainConfig.model_ema_decay  # as applied: adjusted by ``ema_decay_for`` in a run
+    steps_per_epoch: int | None = None  # None: the whole run is one epoch
 
     @classmethod
-    def for_run(cls, cfg: TrainConfig, total_steps: int) -> OptimConfig:
-        """The recipe of a run's flags, with ``--lr`` scaled by ``--lr-scaling`` to the global batch."""
+    def for_run(cls, cfg: TrainConfig, total_steps: int, steps_per_epoch: int | None = None) -> OptimConfig:
+        """The recipe of a run's flags, with ``--lr`` scaled by ``--lr-scaling`` to the global batch, the warm-up
+        in steps (``--lr-warmup-epochs`` x ``steps_per_epoch`` when given) and the EMA decay adjusted as
+        torchvision's train.py adjusts it."""
+        spe = steps_per_epoch or total_steps
+        warmup = cfg.warmup_steps if cfg.lr_warmup_epochs is None else cfg.lr_warmup_epochs * spe
+        decay = ema_decay_for(cfg.model_ema_decay, cfg.batch_size, cfg.model_ema_steps, total_steps / max(spe, 1)) \
+            if cfg.model_ema else cfg.model_ema_decay
         return cls(total_steps=total_steps, optimizer=cfg.optimizer,
                    lr=scaled_lr(cfg.lr, cfg.batch_size) if cfg.lr_scaling == "linear" else cfg.lr,
-                   warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                   warmup_steps=warmup, lr_warmup_decay=cfg.lr_warmup_decay, lr_min=cfg.lr_min,
+                   weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                    nesterov=cfg.nesterov, label_smoothing=cfg.label_smoothing, loss=cfg.loss,
                    bce_target_thresh=cfg.bce_target_thresh, grad_accum_steps=cfg.grad_accum_steps,
-                   mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, seed=cfg.seed)
+                   mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, seed=cfg.seed,
+                   model_ema=cfg.model_ema, ema_steps=cfg.model_ema_steps, ema_decay=decay,
+                   steps_per_epoch=steps_per_epoch)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> float:
@@ -75,10 +101,18 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
     return base_lr * global_batch / reference_batch
 
 
+def ema_decay_for(decay: float, global_batch: int, every: int, epochs: float) -> float:
+    """torchvision's train.py adjustment of ``--model-ema-decay``: ``alpha = min(1, (1 - decay) * adjust)`` with
+    ``adjust = world_size * batch_size * model_ema_steps / epochs`` (here the global batch); returns ``1 - alpha``."""
+    return 1.0 - min(1.0, (1.0 - decay) * global_batch * every / epochs)
+
+
 def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warm-up from 0 to ``cfg.lr`` then cosine decay to 0 at ``cfg.total_steps``."""
+    """Linear warm-up from ``cfg.lr * cfg.lr_warmup_decay`` to ``cfg.lr``, then cosine decay to ``cfg.lr_min`` at
+    ``cfg.total_steps``."""
     warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.total_steps, warmup + 1), 0.0)
+    return optax.warmup_cosine_decay_schedule(cfg.lr * cfg.lr_warmup_decay, cfg.lr, warmup,
+                                              max(cfg.total_steps, warmup + 1), cfg.lr_min)
 
 
 def decay_mask(params: nnx.State) -> Any:
@@ -102,14 +136,40 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adamw, lamb or lars")
 
 
-def create_train_state(model: ResNet, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
-    """The train-mode structure of ``model`` and a fresh :class:`TrainState` of its weights (``model`` is unchanged)."""
+def create_train_state(model: ResNet, tx: optax.GradientTransformation, ema: bool = False
+                       ) -> tuple[nnx.GraphDef, TrainState]:
+    """The train-mode structure of ``model`` and a fresh :class:`TrainState` of its weights (``model`` is unchanged);
+    with ``ema``, an EMA that starts as a copy of them, as torchvision's ``AveragedModel`` (a deep copy) does."""
     train_mode = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
     train_mode.train()
     graphdef, params, batch_stats = nnx.split(train_mode, nnx.Param, nnx.BatchStat)
+    copy = functools.partial(jax.tree.map, jnp.copy)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params))
+                       opt_state=tx.init(params),
+                       ema=EmaState(copy(params), copy(batch_stats), jnp.zeros((), jnp.int32)) if ema else None)
     return graphdef, state
+
+
+def ema_update(ema: EmaState, params: nnx.State, batch_stats: nnx.State, step: jax.Array, decay: float,
+               every: int, steps_per_epoch: int, warmup_steps: int) -> EmaState:
+    """torchvision's EMA after the optimizer step of batch ``step`` (0-based, over the run): at batch index ``i``
+    of its epoch with ``i % every == 0``, ``AveragedModel.update_parameters`` with ``ema_avg`` (a copy while
+    ``n_averaged`` is 0, else ``decay * ema + (1 - decay) * weight``, parameters and BatchNorm statistics alike),
+    then ``n_averaged`` back to 0 while the step is in the warm-up (torchvision's ``epoch < lr_warmup_epochs``)."""
+    def update(ema: EmaState) -> EmaState:
+        def avg(a: jax.Array, p: jax.Array) -> jax.Array:
+            mixed = jnp.asarray(decay, a.dtype) * a + jnp.asarray(1.0 - decay, a.dtype) * p
+            return jnp.where(ema.n_averaged == 0, p, mixed)
+
+        n = jnp.where(step < warmup_steps, 0, ema.n_averaged + 1).astype(ema.n_averaged.dtype)
+        return EmaState(jax.tree.map(avg, ema.params, params), jax.tree.map(avg, ema.batch_stats, batch_stats), n)
+
+    return jax.lax.cond(step % steps_per_epoch % every == 0, update, lambda ema: ema, ema)
+
+
+def ema_view(state: TrainState) -> TrainState:
+    """``state`` with the EMA's weights in place of the model's (what evaluation and prediction of the EMA use)."""
+    return state.replace(params=state.ema.params, batch_stats=state.ema.batch_stats)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -210,7 +270,12 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
         "lr": lr_schedule(cfg)(state.step),
         "state_finite": all_finite(params, batch_stats),
     }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    ema = state.ema
+    if ema is not None:
+        ema = ema_update(ema, params, batch_stats, state.step, cfg.ema_decay, cfg.ema_steps,
+                         cfg.steps_per_epoch or cfg.total_steps, cfg.warmup_steps)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                              ema=ema)
     return new_state, metrics
 
 
@@ -234,20 +299,23 @@ def _accumulate(graphdef: nnx.GraphDef, state: TrainState, grad_fn: Callable, k:
 
 
 def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Sums (not means) of loss, top-1 and top-5 hits and example count, so padding and sharding add up."""
-    model = nnx.merge(graphdef, state.params, state.batch_stats)
-    model.eval()
-    logits = model(normalize_images(batch["image"], batch["mask"]))
-    labels, mask = batch["label"], batch["mask"]
-    loss = cross_entropy(logits, labels, logits.shape[-1])
-    k = min(5, logits.shape[-1])
-    topk = jax.lax.top_k(logits, k)[1]
-    return {
-        "loss_sum": jnp.sum(loss * mask),
-        "top1_sum": jnp.sum((topk[:, 0] == labels) * mask),
-        "top5_sum": jnp.sum(jnp.any(topk == labels[:, None], axis=-1) * mask),
-        "count": jnp.sum(mask),
-    }
+    """Sums (not means) of loss, top-1 and top-5 hits and example count, so padding and sharding add up; with an
+    EMA, the same sums of the EMA's weights (``*_ema``) from the same batch."""
+    images, labels, mask = normalize_images(batch["image"], batch["mask"]), batch["label"], batch["mask"]
+
+    def sums(params: nnx.State, batch_stats: nnx.State) -> dict[str, jax.Array]:
+        model = nnx.merge(graphdef, params, batch_stats)
+        model.eval()
+        logits = model(images)
+        loss = cross_entropy(logits, labels, logits.shape[-1])
+        topk = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        return {"loss_sum": jnp.sum(loss * mask), "top1_sum": jnp.sum((topk[:, 0] == labels) * mask),
+                "top5_sum": jnp.sum(jnp.any(topk == labels[:, None], axis=-1) * mask)}
+
+    out = {**sums(state.params, state.batch_stats), "count": jnp.sum(mask)}
+    if state.ema is not None:
+        out.update({f"{k}_ema": v for k, v in sums(state.ema.params, state.ema.batch_stats).items()})
+    return out
 
 
 def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
@@ -274,6 +342,6 @@ def build_steps(model: ResNet, cfg: OptimConfig, state_sharding: Any, batch_shar
                 ) -> tuple[TrainState, Callable, Callable]:
     """(fresh host-side state, train_step, eval_step) of ``model``: what a run and ``--compile-only`` compile."""
     tx = make_optimizer(cfg)
-    graphdef, state = create_train_state(model, tx)
+    graphdef, state = create_train_state(model, tx, ema=cfg.model_ema)
     train, evaluate = jit_steps(graphdef, tx, cfg, state_sharding, batch_sharding)
     return state, train, evaluate
