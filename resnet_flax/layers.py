@@ -146,3 +146,32 @@ class BatchNorm(nnx.Module):
         mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
         y = xf * mul + (self.bias[...] - mean * mul)
         return y.astype(self.dtype)
+
+
+class DropPath(nnx.Module):
+    """timm's ``DropPath`` (stochastic depth) on a residual branch: in train mode each example's branch is zeroed
+    with probability ``rate`` and the kept ones are scaled by ``1 / (1 - rate)``; the identity in eval mode.
+
+    The per-example keep mask is ``bernoulli(rngs.dropout(), 1 - rate)``; ``rngs`` is required in train mode.
+    """
+
+    def __init__(self, rate: float, *, deterministic: bool = False):
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"drop path rate must be in (0, 1), got {rate}")
+        self.rate = rate
+        self.deterministic = deterministic
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view(model, deterministic=...)``."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x`` with each example kept (and scaled) or zeroed; unchanged in eval mode."""
+        if self.deterministic:
+            return x
+        if rngs is None:
+            raise ValueError("a model with drop_path_rate > 0 needs rngs=nnx.Rngs(...) in train mode")
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_flax.layers import BatchNorm, Dtype, conv, conv1x1, conv3x3, kaiming_normal_fan_out, linear
+from resnet_flax.layers import BatchNorm, DropPath, Dtype, conv, conv1x1, conv3x3, kaiming_normal_fan_out, linear
 
 BlockName = Literal["basic", "bottleneck"]
 StemType = Literal["", "deep", "deep_tiered"]
@@ -102,14 +102,17 @@ class BasicBlock(nnx.Module):
         self.conv2 = conv3x3(planes, planes, dtype=dtype, rngs=rngs)
         self.bn2 = BatchNorm(planes, dtype=dtype, zero_scale=zero_init_residual)
         self.se = SqueezeExcite(planes, dtype=dtype, rngs=rngs) if se else None
+        self.drop_path: DropPath | None = nnx.data(None)  # timm's stochastic depth: ResNet.set_drop_path_rate
         self.downsample = downsample
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
         identity = x
         out = jax.nn.relu(self.bn1(self.conv1(x), mask))
         out = self.bn2(self.conv2(out), mask)
         if self.se is not None:
             out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out, rngs)
         if self.downsample is not None:
             identity = self.downsample(x, mask)
         return jax.nn.relu(out + identity)
@@ -131,15 +134,18 @@ class Bottleneck(nnx.Module):
         self.conv3 = conv1x1(width, planes * self.expansion, dtype=dtype, rngs=rngs)
         self.bn3 = BatchNorm(planes * self.expansion, dtype=dtype, zero_scale=zero_init_residual)
         self.se = SqueezeExcite(planes * self.expansion, dtype=dtype, rngs=rngs) if se else None
+        self.drop_path: DropPath | None = nnx.data(None)  # timm's stochastic depth: ResNet.set_drop_path_rate
         self.downsample = downsample
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
         identity = x
         out = jax.nn.relu(self.bn1(self.conv1(x), mask))
         out = jax.nn.relu(self.bn2(self.conv2(out), mask))
         out = self.bn3(self.conv3(out), mask)
         if self.se is not None:
             out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out, rngs)
         if self.downsample is not None:
             identity = self.downsample(x, mask)
         return jax.nn.relu(out + identity)
@@ -236,10 +242,11 @@ class ResNet(nnx.Module):
     ``model(x)`` gives logits (float32): ``forward_head(forward_features(x))`` as in timm. ``model.embed(x)``
     is the pooled vector ``fc`` receives, ``model.stages(x)`` the four stage outputs (a backbone's), and
     ``reset_classifier(n)`` gives a new head. ``model.train()`` and ``model.eval()`` select BatchNorm's
-    mode. Parameters are float32; ``dtype`` sets the compute dtype.
+    mode. Parameters are float32; ``dtype`` sets the compute dtype. ``drop_path_rate`` adds timm's stochastic
+    depth (:meth:`set_drop_path_rate`), which in train mode draws from the ``rngs`` given to the call.
     """
 
-    def __init__(self, config: ResNetConfig, *, zero_init_residual: bool = False,
+    def __init__(self, config: ResNetConfig, *, zero_init_residual: bool = False, drop_path_rate: float = 0.0,
                  dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.dtype = dtype
@@ -257,6 +264,25 @@ class ResNet(nnx.Module):
         # num_classes=0: a headless backbone (timm's convention), whose __call__ gives the pooled features
         self.fc = linear(config.num_features, config.num_classes, dtype=dtype, rngs=rngs) if config.num_classes \
             else None
+        self.drop_path_rate = 0.0
+        if drop_path_rate:
+            self.set_drop_path_rate(drop_path_rate)
+
+    def blocks(self) -> list[BasicBlock | Bottleneck]:
+        """Every residual block, ``layer1`` first, in forward order."""
+        return [blk for name in ("layer1", "layer2", "layer3", "layer4") for blk in getattr(self, name)]
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth as timm's ResNet: block i of the net's n drops its residual branch (``DropPath``)
+        with probability ``rate * i / (n - 1)``; 0 removes it. No parameters change."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        blocks = self.blocks()
+        deterministic = self.bn1.use_running_average  # the model's current mode
+        for net_block_idx, blk in enumerate(blocks):
+            block_dpr = rate * net_block_idx / (len(blocks) - 1)
+            blk.drop_path = DropPath(block_dpr, deterministic=deterministic) if block_dpr > 0.0 else None
+        self.drop_path_rate = float(rate)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False, *,
                     zero_init_residual: bool, dtype: Dtype, rngs: nnx.Rngs) -> nnx.List:
@@ -289,19 +315,21 @@ class ResNet(nnx.Module):
         x = jax.nn.relu(self.bn1(x, mask))
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    def stages(self, x: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    def stages(self, x: jax.Array, mask: jax.Array | None = None, rngs: nnx.Rngs | None = None
+               ) -> dict[str, jax.Array]:
         """The outputs of ``layer1`` .. ``layer4`` (NHWC, compute dtype), as a backbone gives them."""
         x = self.stem(x, mask)
         out = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for blk in getattr(self, name):
-                x = blk(x, mask)
+                x = blk(x, mask, rngs)
             out[name] = x
         return out
 
-    def forward_features(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def forward_features(self, x: jax.Array, mask: jax.Array | None = None, rngs: nnx.Rngs | None = None
+                         ) -> jax.Array:
         """The last stage's feature map (NHWC, compute dtype): the input of :meth:`forward_head`."""
-        return self.stages(x, mask)["layer4"]
+        return self.stages(x, mask, rngs)["layer4"]
 
     def forward_head(self, x: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Global average pool then ``fc``: float32 logits, or with ``pre_logits`` the pooled vector ``fc`` gets.
@@ -326,9 +354,10 @@ class ResNet(nnx.Module):
                          rngs=rngs if rngs is not None else nnx.Rngs(seed)) if num_classes else None
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Logits in float32 for NHWC images normalised like torchvision's (ImageNet mean/std).
 
         ``mask`` ([batch], 1 = real example) keeps masked-out examples out of train-mode BatchNorm statistics.
+        ``rngs`` (its ``dropout`` stream) draws stochastic depth's masks in train mode, when the model has any.
         """
-        return self.forward_head(self.forward_features(x, mask))
+        return self.forward_head(self.forward_features(x, mask, rngs))

@@ -67,14 +67,15 @@ def arch_name(config: ResNetConfig) -> str | None:
 def create_model(name: str | None, *, weights: Any = None, pretrained: bool = False, progress: bool = True,
                  num_classes: int | None = None, zero_init_residual: bool = False,
                  replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
-                 in_channels: int = 3, dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None,
-                 seed: int = 0) -> ResNet:
+                 in_channels: int = 3, drop_path_rate: float = 0.0, dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs | None = None, seed: int = 0) -> ResNet:
     """Build a model by name, e.g. ``create_model("resnet50", num_classes=10)`` or ``create_model("resnet50d")``.
 
     ``weights`` loads pretrained weights like torchvision (``"IMAGENET1K_V2"``, ``"DEFAULT"``,
     ``ResNet50_Weights.IMAGENET1K_V2``; ``pretrained=True`` is V1), from the Hugging Face Hub
     (``"hf-hub:timm/resnet50.a1_in1k"``, ``"microsoft/resnet-50"``) or from a file; see :mod:`resnet_flax.hub`.
-    A pretrained model comes in eval mode."""
+    A pretrained model comes in eval mode. ``drop_path_rate`` adds timm's stochastic depth
+    (:meth:`ResNet.set_drop_path_rate`), fresh or pretrained."""
     if name is not None and name.startswith("hf-hub:"):  # timm's spelling: the hub name in place of the architecture
         name, weights = None, name
     if weights is not None or pretrained:
@@ -83,10 +84,13 @@ def create_model(name: str | None, *, weights: Any = None, pretrained: bool = Fa
         if zero_init_residual or rngs is not None or in_channels != 3:
             raise ValueError("zero_init_residual, rngs and in_channels shape a fresh model; "
                              "they do not apply with weights=")
-        return pretrained_model(name, weights if weights is not None else True, num_classes=num_classes,
-                                replace_stride_with_dilation=replace_stride_with_dilation, dtype=dtype,
-                                progress=progress)
+        model = pretrained_model(name, weights if weights is not None else True, num_classes=num_classes,
+                                 replace_stride_with_dilation=replace_stride_with_dilation, dtype=dtype,
+                                 progress=progress)
+        if drop_path_rate:
+            model.set_drop_path_rate(drop_path_rate)
+        return model
     config = arch_config(name, num_classes=1000 if num_classes is None else num_classes, in_channels=in_channels,
                          replace_stride_with_dilation=replace_stride_with_dilation)
-    return ResNet(config, zero_init_residual=zero_init_residual, dtype=dtype,
+    return ResNet(config, zero_init_residual=zero_init_residual, drop_path_rate=drop_path_rate, dtype=dtype,
                   rngs=rngs if rngs is not None else nnx.Rngs(seed))
