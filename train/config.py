@@ -11,6 +11,7 @@ from typing import Any
 
 from resnet_flax.layers import COMPUTE_DTYPES
 from resnet_flax.registry import ARCHS
+from train import recipes
 from train.storage import AnyPath, StorageError, as_path
 
 DEFAULT_ARCH = "resnet34"
@@ -47,6 +48,9 @@ class TrainConfig:
     dtype: str = flag("float32", "compute dtype (parameters stay float32); bfloat16 for GPUs/TPUs", "model",
                       choices=list(COMPUTE_DTYPES))
     zero_init_residual: bool = flag(False, "zero the last BN scale of each block", "model")
+    drop_path_rate: float = flag(0.0, "stochastic depth as timm's ResNet: in training, block i of the net's n drops "
+                                      "its residual branch, example by example, with probability X * i / (n - 1)",
+                                 "model", metavar="X", minimum=0, below=1)
     # data
     dataset: str = flag("tf_flowers", "TFDS name (tf_flowers, imagenette, imagenet2012, cifar10, ...) or "
                                       "'synthetic'", "data", metavar="NAME")
@@ -56,8 +60,17 @@ class TrainConfig:
                                          metavar="PATH", on_resume="free")
     val_fraction: float = flag(0.2, "held-out fraction when the data has no validation split", "data", metavar="X",
                                minimum=0, below=1)
-    image_size: int = flag(224, "training crop size; evaluation resizes to PX*256/224 then centre-crops PX",
+    image_size: int = flag(224, "training crop size (RandomResizedCrop); also evaluation's unless --val-crop-size",
                            "data", metavar="PX", minimum=1)
+    val_resize_size: int | None = flag(None, "evaluation: resize the shorter side to PX (torchvision's "
+                                             "--val-resize-size)", "data", metavar="PX", minimum=1,
+                                       default_text="the evaluation crop x 256/224")
+    val_crop_size: int | None = flag(None, "evaluation: then centre-crop PX (torchvision's --val-crop-size)", "data",
+                                     metavar="PX", minimum=1, default_text="--image-size")
+    ra_reps: int = flag(1, "repeated augmentation (torchvision's --ra-sampler --ra-reps N; its recipe: 4): each "
+                           "image N times per epoch, differently augmented, spread over the devices as "
+                           "RASampler spreads it over replicas; an epoch is then the examples rounded down to a "
+                           "multiple of 256; 1: off", "data", metavar="N", minimum=1)
     num_workers: int = flag(2, "data loader processes per host (0: in the main process)", "data", metavar="N",
                             minimum=0, on_resume="free")
     auto_augment: str | None = flag(None, "torchvision's automatic augmentation after the crop and flip: ta_wide "
@@ -73,6 +86,9 @@ class TrainConfig:
     cutmix_alpha: float = flag(0.0, "cutmix's Beta(alpha, alpha) (torchvision.transforms.v2.CutMix); 0: off", "data",
                                metavar="X", minimum=0)
     # optimisation
+    recipe: str | None = flag(None, "set the flags of a published recipe (listed at the end); flags given on the "
+                                    "command line override its values", "optimisation", metavar="NAME",
+                              choices=list(recipes.RECIPES))
     batch_size: int = flag(128, "global batch size, split over all devices and hosts", "optimisation", metavar="N",
                            minimum=1)
     epochs: int = flag(30, "passes over the training data (a rerun may extend the run)", "optimisation",
@@ -191,10 +207,11 @@ The workdir holds checkpoints/, metrics.jsonl, TensorBoard events (tb/) and curv
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m train`` command line, generated from the fields of :class:`TrainConfig`."""
-    p = _Parser(prog="python -m train", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(suppress: bool = False) -> argparse.ArgumentParser:
+    """The ``python -m train`` command line, generated from the fields of :class:`TrainConfig` (``suppress``: no
+    defaults, so that a parse holds only the flags given)."""
+    p = _Parser(prog="python -m train", description=DESCRIPTION, epilog=recipes.help_text(),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -202,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
         if kind is bool:
             groups[m["group"]].add_argument(f"--no-{name}" if f.default else f"--{name}", dest=f.name,
-                                            action="store_false" if f.default else "store_true", help=m["help"])
+                                            action="store_false" if f.default else "store_true", help=m["help"],
+                                            **({"default": argparse.SUPPRESS} if suppress else {}))
             continue
         shown = m["default_text"] or (None if f.default is None else str(f.default))
-        groups[m["group"]].add_argument(f"--{name}", type=_path_arg if kind is Path else kind, default=f.default,
+        groups[m["group"]].add_argument(f"--{name}", type=_path_arg if kind is Path else kind,
+                                        default=argparse.SUPPRESS if suppress else f.default,
                                         choices=m["choices"], metavar=m["metavar"],
                                         help=m["help"] + (f" (default: {shown})" if shown else ""))
     return p
@@ -229,6 +248,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """argv -> :class:`TrainConfig`, rejecting values that cannot work with a one-line message."""
     p = build_parser()
     cfg = TrainConfig(**vars(p.parse_args(argv)))
+    explicit = set(vars(build_parser(suppress=True).parse_args(argv)))
+    if {"warmup_steps", "lr_warmup_epochs"} <= explicit:
+        p.error("--warmup-steps and --lr-warmup-epochs both set the warm-up's length; give one of them")
+    if cfg.recipe is not None:
+        cfg = dataclasses.replace(cfg, **recipes.applied(cfg.recipe, explicit, cfg.init_from is not None))
     for f in dataclasses.fields(TrainConfig):
         if (problem := _out_of_range(getattr(cfg, f.name), f.metadata)) is not None:
             p.error(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: {problem}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from train import recipes
 from train.augment import Augment
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig
@@ -21,7 +22,7 @@ from train.model_setup import initial_model, recorded_model
 from train.pipeline import RunData, steps_per_epoch
 from train.preemption import PreemptionWatch
 from train.progress import Progress, log
-from train.run_file import RUN_FILE, check_same_run, describe_changes, write_run_file
+from train.run_file import RUN_FILE, check_same_run, describe_changes, flags_of, write_run_file
 from train.schedule import Position, Schedule, Segment
 from train.sources import load_splits
 from train.steps import OptimConfig, build_steps
@@ -91,6 +92,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         if jax.process_index() == 0:
             write_run_file(cfg, model_config, splits.class_names, changed, int(position["step"]))
         metrics.truncate_after(int(position["step"]))
+        if cfg.recipe is not None:
+            log(recipes.summary(cfg.recipe, flags_of(cfg)))
         log(f"training {cfg.resolved_arch if not cfg.init_from else 'from ' + str(cfg.init_from)} on "
             f"{len(splits.train)} images ({describe_classes(splits.class_names)}), validating on {len(splits.val)}; "
             f"{jax.device_count()} device(s) on {jax.process_count()} host(s); global batch {cfg.batch_size}, "

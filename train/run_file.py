@@ -9,6 +9,7 @@ from typing import Any
 
 from resnet_flax.model import ResNetConfig
 from resnet_flax.registry import arch_name
+from train import recipes
 from train.config import TrainConfig
 from train.errors import RunError
 from train.storage import AnyPath, as_path, atomic_write
@@ -17,7 +18,8 @@ RUN_FILE = "run.json"  # model config + class names: what predict needs to rebui
 
 
 def read_run_file(workdir: AnyPath) -> dict[str, Any]:
-    """The ``run.json`` of ``workdir``: ``model`` (a ResNetConfig dict), ``class_names``, ``dtype``, ``flags``."""
+    """The ``run.json`` of ``workdir``: ``model`` (a ResNetConfig dict), ``class_names``, ``dtype``, ``flags`` and,
+    with ``--recipe``, ``recipe`` (the preset, the values it set, those overridden)."""
     return json.loads((as_path(workdir) / RUN_FILE).read_text())
 
 
@@ -35,6 +37,8 @@ def write_run_file(cfg: TrainConfig, model_config: ResNetConfig, class_names: li
     if changed:
         history.append({"step": step, "changed": {k: list(v) for k, v in changed.items()}})
     record = {"model": model_config.to_dict(), "class_names": class_names, "dtype": cfg.dtype, "flags": flags_of(cfg)}
+    if cfg.recipe is not None:
+        record["recipe"] = recipes.describe(cfg.recipe, record["flags"])
     if history:
         record["flag_changes"] = history
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
