@@ -4,6 +4,7 @@ gradients with the same keep masks, the observed drop rate, and eval mode untouc
 from __future__ import annotations
 
 import copy
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,63 @@ def test_observed_drop_rate_and_scale():
     np.testing.assert_array_equal(again, out)
     layer.deterministic = True
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x))
+
+
+def test_train_step_draws_from_the_seed_and_the_step():
+    """The step's masks come from (seed, step) alone, so a resumed run draws what the uninterrupted one drew:
+    the step's loss is the model's with ``drop_path_key(seed, step)``, and changes with the step and the seed;
+    with gradient accumulation each micro-batch draws its own masks."""
+    from train.steps import OptimConfig, create_train_state, cross_entropy, drop_path_key, make_optimizer, train_step
+
+    class Tiny(nnx.Module):  # a stem and one residual branch with a drop path, the ResNet's call signature
+        def __init__(self, rngs: nnx.Rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.branch = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+            self.drop_path = DropPath(0.5)
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+            self.drop_path_rate = 0.5
+
+        def __call__(self, x, mask=None, rngs=None):
+            x = jax.nn.relu(self.conv(x))
+            x = x + self.drop_path(self.branch(x), rngs)
+            return self.fc(jnp.mean(x, axis=(1, 2)))
+
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(8, 6, 6, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 3, 8), jnp.int32), "mask": jnp.ones(8, jnp.float32)}
+
+    @functools.cache
+    def compiled(seed: int, k: int):
+        cfg = OptimConfig(total_steps=100, optimizer="sgd", label_smoothing=0.0, seed=seed, grad_accum_steps=k)
+        tx = make_optimizer(cfg)
+        graphdef, state = create_train_state(Tiny(nnx.Rngs(0)), tx)
+        return jax.jit(lambda s, b: train_step(graphdef, tx, cfg, s, b)), state
+
+    def loss_at(step: int, seed: int = 0, k: int = 1) -> float:
+        step_fn, state = compiled(seed, k)
+        return float(step_fn(state.replace(step=jnp.asarray(step, jnp.int32)), batch)[1]["train_loss"])
+
+    model = Tiny(nnx.Rngs(0))
+    model.train()
+    logits = model(batch["image"], rngs=nnx.Rngs(dropout=drop_path_key(0, 5)))
+    want = float(jnp.mean(cross_entropy(logits, batch["label"], 3)))
+    assert loss_at(5) == pytest.approx(want, rel=1e-6) and loss_at(5) == loss_at(5)
+    assert len({loss_at(5), loss_at(6), loss_at(5, seed=1)}) == 3
+    accumulated = loss_at(5, k=2)
+    assert np.isfinite(accumulated) and accumulated != loss_at(5)
+
+
+def test_the_flag_reaches_the_model(capsys):
+    """``--drop-path-rate`` gives the run's model timm's rates (fresh, from weights or resumed alike); a rate
+    outside [0, 1) is one line and exit 2."""
+    from train.config import parse_config
+    from train.model_setup import initial_model
+
+    cfg = parse_config(["--arch", "resnet18", "--drop-path-rate", "0.1"])
+    model = nnx.eval_shape(lambda: initial_model(cfg, 10))
+    assert _rates(model) == [0.1 * i / 7 for i in range(8)]
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit) as stop:
+            parse_config(["--drop-path-rate", bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and "--drop-path-rate" in err

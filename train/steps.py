@@ -207,6 +207,14 @@ def normalize_images(images: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask[:, None, None, None] > 0, x, 0.0)
 
 
+_DROP_PATH_TAG = 0x647270  # separates stochastic depth's draws from mixing's and any other use of the run's seed
+
+
+def drop_path_key(seed: int, step: jax.Array) -> jax.Array:
+    """Stochastic depth's key for one step of a run: the same on every host and after any resume."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed % 2**32), _DROP_PATH_TAG), step)
+
+
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
@@ -228,7 +236,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     With ``grad_accum_steps`` K > 1 the (erased, mixed) batch is split into K micro-batches (example i in
     micro-batch i % K, so each device keeps its share) run one after the other; each one's loss is its share of
     the batch's mean, so the summed gradients are the batch's, except that BatchNorm normalises each micro-batch
-    by its own statistics and updates its running statistics K times.
+    by its own statistics and updates its running statistics K times. A model with stochastic depth draws its
+    masks from :func:`drop_path_key` (each micro-batch from its own split of it).
     """
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     mask, labels, targets = batch["mask"], batch["label"], None
@@ -243,9 +252,10 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     elif cfg.loss == "bce":
         targets = jax.nn.one_hot(labels, model.fc.out_features)
     count = jnp.maximum(jnp.sum(mask), 1.0)
+    key = drop_path_key(cfg.seed, state.step) if getattr(model, "drop_path_rate", 0.0) else None
 
-    def loss_fn(model, images, labels, targets, mask):
-        logits = model(images, mask)
+    def loss_fn(model, images, labels, targets, mask, key):
+        logits = model(images, mask) if key is None else model(images, mask, rngs=nnx.Rngs(dropout=key))
         if cfg.loss == "bce":
             losses = binary_cross_entropy(logits, targets, cfg.label_smoothing, cfg.bce_target_thresh)
         elif targets is None:
@@ -256,11 +266,11 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
 
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)  # grads w.r.t. nnx.Param
     if cfg.grad_accum_steps == 1:
-        (loss, logits), grads = grad_fn(model, images, labels, targets, mask)
+        (loss, logits), grads = grad_fn(model, images, labels, targets, mask, key)
         batch_stats = nnx.state(model, nnx.BatchStat)
     else:
         loss, logits, grads, batch_stats = _accumulate(graphdef, state, grad_fn, cfg.grad_accum_steps,
-                                                       (images, labels, targets, mask))
+                                                       (images, labels, targets, mask), key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -279,8 +289,8 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     return new_state, metrics
 
 
-def _accumulate(graphdef: nnx.GraphDef, state: TrainState, grad_fn: Callable, k: int, inputs: tuple
-                ) -> tuple[jax.Array, jax.Array, nnx.State, nnx.State]:
+def _accumulate(graphdef: nnx.GraphDef, state: TrainState, grad_fn: Callable, k: int, inputs: tuple,
+                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, nnx.State, nnx.State]:
     """(loss, logits, summed gradients, batch stats) of ``inputs`` run as ``k`` micro-batches under ``lax.scan``."""
     def split(x: jax.Array) -> jax.Array:  # [B, ...] -> [k, B / k, ...]; row i goes to micro-batch i % k
         return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
@@ -293,7 +303,8 @@ def _accumulate(graphdef: nnx.GraphDef, state: TrainState, grad_fn: Callable, k:
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (_, grads, batch_stats), (losses, logits) = jax.lax.scan(
-        micro_step, (state.params, zeros, state.batch_stats), jax.tree.map(split, inputs))
+        micro_step, (state.params, zeros, state.batch_stats),
+        (*jax.tree.map(split, inputs), None if key is None else jax.random.split(key, k)))
     logits = jnp.swapaxes(logits, 0, 1).reshape(-1, logits.shape[-1])  # back in the batch's order
     return jnp.sum(losses), logits, grads, batch_stats
 
