@@ -122,6 +122,30 @@ def test_batch_spec_is_what_a_run_feeds_its_steps(tmp_path):
     assert spec["image"].dtype == np.uint8
 
 
+@pytest.mark.parametrize("resize, crop", [(None, None), (29, 24), (20, 24)])  # default; V2's kind; crop > resize
+def test_evaluation_is_torchvisions_val_resize_and_crop(tmp_path, resize, crop):
+    """--val-resize-size / --val-crop-size (torchvision's names): RunData's evaluation images are torchvision's
+    Resize + CenterCrop of the same files, pixel for pixel (zero-padded where the crop exceeds the resized image);
+    without them, resize to crop * 256/224 and centre-crop the training size. Training keeps --image-size."""
+    pytest.importorskip("torch")
+    from torchvision import transforms as T
+
+    splits = _folder(tmp_path)  # 40x30 JPEGs
+    segments = Schedule(2, 1).segments(Position())
+    run = RunData(splits, segments, batch_size=3, image_size=16, seed=0, resize_size=resize, val_image_size=crop)
+    try:
+        train = list(run.train(0, 0))
+        val = list(run.val())
+    finally:
+        run.close()
+    size = crop or 16
+    ref = T.Compose([T.Resize(resize or int(size * 256 / 224)), T.CenterCrop(size)])
+    want = np.stack([np.asarray(ref(tr.load_image(splits.val[i]["image"]))) for i in range(len(splits.val))])
+    got = np.concatenate([b["image"][b["mask"] > 0] for b in val])
+    np.testing.assert_array_equal(got, want)
+    assert train[0]["image"].shape[1:] == (16, 16, 3)
+
+
 def test_run_data_refuses_a_segment_out_of_order(tmp_path):
     splits = _folder(tmp_path)
     run = RunData(splits, Schedule(2, 4).segments(Position()), batch_size=3, image_size=16, seed=0)

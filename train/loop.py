@@ -72,8 +72,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     watch = None if cfg.eval_only else PreemptionWatch()  # SIGTERM from here on: stop after a step, checkpointed
     try:
         if cfg.eval_only:
-            crop, resize = cfg.image_size, None
-            if cfg.init_from and cfg.image_size == TrainConfig.image_size:  # the weights' own eval transform
+            crop, resize = cfg.val_crop_size or cfg.image_size, cfg.val_resize_size
+            if cfg.init_from and (cfg.image_size, cfg.val_crop_size, cfg.val_resize_size) == (
+                    TrainConfig.image_size, None, None):  # no size given: the weights' own eval transform
                 from resnet_flax.loading import eval_settings
 
                 with local_copy(cfg.init_from) as path:
@@ -108,7 +109,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
         # One reader for every epoch and evaluation of the same schedule: its workers start once and read ahead.
         data = RunData(splits, schedule.segments(start), image_size=cfg.image_size, augment=Augment.for_run(cfg),
-                       **reader)
+                       resize_size=cfg.val_resize_size, val_image_size=cfg.val_crop_size, **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
         for stretch in schedule.stretches(start):

@@ -214,8 +214,9 @@ class RunData:
 
     ``segments`` are a :class:`~train.schedule.Schedule`'s (``schedule.segments(position)``), or
     ``[Segment("val")]`` for one evaluation. Batch order and content are those of :func:`make_loader` for each
-    segment (same shuffles, augmentation and resume position). Images are uint8; the jitted steps normalise
-    them (``train.steps``).
+    segment (same shuffles, augmentation and resume position). Evaluation resizes to ``resize_size`` and
+    centre-crops ``val_image_size`` (default: ``image_size``, the training crop). Images are uint8; the jitted
+    steps normalise them (``train.steps``).
     """
 
     NORMALIZE = False  # uint8 to the devices: 4x fewer bytes moved than float32
@@ -227,7 +228,8 @@ class RunData:
 
     def __init__(self, splits: Splits, segments: Sequence[Segment], *, batch_size: int, image_size: int,
                  seed: int, num_workers: int = 0, process_index: int = 0, process_count: int = 1,
-                 resize_size: int | None = None, augment: Augment | None = None) -> None:
+                 resize_size: int | None = None, val_image_size: int | None = None,
+                 augment: Augment | None = None) -> None:
         common = {"batch_size": batch_size, "image_size": image_size, "seed": seed, "normalize": self.NORMALIZE,
                   "process_index": process_index, "process_count": process_count, "augment": augment}
         train_source = in_memory(splits.train) if any(s.kind == "train" for s in segments) else splits.train
@@ -240,7 +242,8 @@ class RunData:
                 if val is None:
                     held = int(train_source.offsets[-1]) if isinstance(train_source, BytesSource) else 0
                     val_source = in_memory(splits.val, IN_MEMORY_LIMIT - held)
-                    val = build_epoch_dataset(val_source, train=False, resize_size=resize_size, **common)
+                    val = build_epoch_dataset(val_source, train=False, resize_size=resize_size,
+                                              **{**common, "image_size": val_image_size or image_size})
                 part = val
             self._pending.append((seg, len(part)))
             parts.append(part)

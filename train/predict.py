@@ -23,9 +23,9 @@ from train.run_file import RUN_FILE
 from train.storage import AnyPath, StorageError, as_path, local_copy
 
 
-def load_from_workdir(workdir: AnyPath, ema: bool = False) -> tuple[ResNet, list[str], int]:
+def load_from_workdir(workdir: AnyPath, ema: bool = False) -> tuple[ResNet, list[str], int | EvalTransform]:
     """The best (else latest) checkpoint of a training workdir (its EMA weights with ``ema``), its class names and
-    image size."""
+    evaluation transform (its image size, or its --val-resize-size / --val-crop-size)."""
     from train.checkpoint import Checkpoints
     from train.run_file import read_run_file
     from train.steps import OptimConfig, create_train_state, make_optimizer
@@ -35,6 +35,11 @@ def load_from_workdir(workdir: AnyPath, ema: bool = False) -> tuple[ResNet, list
         config = ResNetConfig.from_dict(run["model"])
         tx = make_optimizer(OptimConfig(total_steps=1, optimizer=run["flags"]["optimizer"]))  # its state's structure
         names, size = [str(n) for n in run["class_names"]], int(run["flags"]["image_size"])
+        crop, resize = run["flags"].get("val_crop_size"), run["flags"].get("val_resize_size")
+        if crop or resize:
+            from train.transforms import default_resize_size
+
+            size = EvalTransform(int(crop or size), int(resize or default_resize_size(int(crop or size))))
         has_ema = bool(run["flags"].get("model_ema", False))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{workdir / RUN_FILE} is unreadable or damaged ({type(e).__name__}: {e}); "

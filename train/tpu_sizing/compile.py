@@ -76,7 +76,8 @@ def compile_steps(cfg, devices: Sequence, num_classes: int, train_only: bool = F
     t0 = time.perf_counter()
     try:
         train = steps["train"].lower(state, batch).compile()
-        evaluate = None if train_only else steps["eval"].lower(state, batch).compile()
+        evaluate = None if train_only else steps["eval"].lower(
+            state, batch_spec(cfg.batch_size, cfg.val_crop_size or cfg.image_size, batch_sharding)).compile()
     except Exception as e:  # XLA:TPU checks the HBM it needs while compiling
         oom = out_of_memory(e)
         if oom is None:
