@@ -175,3 +175,40 @@ def test_ema_round_trips_a_checkpoint_and_the_resumed_run_keeps_its_average(tmp_
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(resumed.ema.n_averaged) == 1  # updates after steps 4 (a copy: n was 0) and nothing since
+
+
+def test_predict_ema_loads_the_workdirs_ema_and_refuses_a_run_without_one(tmp_path, capsys):
+    """``train.predict --ema`` (``load_from_workdir(ema=True)``) gives the checkpoint's EMA weights, the plain call
+    the model's; a run kept without ``--model-ema`` is refused in one line (exit 2)."""
+    import dataclasses
+
+    import jax
+    from flax import nnx
+
+    import resnet_flax
+    from train.checkpoint import Checkpoints
+    from train.predict import load_from_workdir, main
+    from train.run_file import write_run_file
+    from train.steps import create_train_state
+
+    model = nnx.jit(lambda: resnet_flax.create_model("resnet10t", num_classes=2, seed=0))()  # one compile, not 100s
+    for ema, wd in ((True, tmp_path / "ema"), (False, tmp_path / "plain")):
+        cfg = dataclasses.replace(TrainConfig(optimizer="sgd", model_ema=ema), workdir=wd)
+        write_run_file(cfg, model.config, ["a", "b"])
+        _, state = create_train_state(model, make_optimizer(OptimConfig(total_steps=1, optimizer="sgd")), ema=ema)
+        if ema:  # an average unlike the weights
+            state = state.replace(ema=state.ema.replace(params=jax.tree.map(lambda x: x * 0.5, state.ema.params)))
+        ckpts = Checkpoints(wd, async_save=False)
+        ckpts.save(1, state, {"step": 1})
+        ckpts.close()
+    averaged, _, _ = load_from_workdir(tmp_path / "ema", ema=True)
+    weights, _, _ = load_from_workdir(tmp_path / "ema")
+    for a, w in zip(jax.tree.leaves(nnx.state(averaged, nnx.Param)), jax.tree.leaves(nnx.state(weights, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(w) * np.float32(0.5))
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(image)
+    assert main([str(image), "--checkpoint", str(tmp_path / "plain"), "--ema"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model-ema" in err
