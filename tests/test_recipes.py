@@ -69,7 +69,7 @@ def test_help_lists_each_preset_and_its_flags():
     text = build_parser().format_help()
     for name, recipe in recipes.RECIPES.items():
         assert f"  {name}: {recipe.title}" in text
-    assert "--model-ema-steps 32" in text and "--optimizer lamb" in text
+    assert "--ra-reps 4" in text and "--optimizer lamb" in text
 
 
 def test_run_file_and_start_line_record_what_the_preset_set(tmp_path):

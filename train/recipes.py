@@ -117,17 +117,8 @@ def _rsb(level: int) -> Recipe:
     })
 
 
-# flags being added by another change (stochastic depth, repeated augmentation, the evaluation resize): their
-# values are written above and applied once the flags exist
-AWAITING = {"drop_path_rate", "ra_reps", "val_resize_size", "val_crop_size"}
-
-
-def _available(r: Recipe) -> Recipe:
-    return dataclasses.replace(r, settings={k: v for k, v in r.settings.items() if k not in AWAITING})
-
-
-RECIPES: dict[str, Recipe] = {"tv-resnet50-v2": _available(_tv_resnet50_v2()), "rsb-a1": _available(_rsb(1)),
-                              "rsb-a2": _available(_rsb(2)), "rsb-a3": _available(_rsb(3))}
+RECIPES: dict[str, Recipe] = {"tv-resnet50-v2": _tv_resnet50_v2(), "rsb-a1": _rsb(1), "rsb-a2": _rsb(2),
+                              "rsb-a3": _rsb(3)}
 
 DEVIATIONS = {
     "tv-resnet50-v2": "torchvision steps its warm-up and cosine once per epoch, this once per step; torchvision "
