@@ -19,7 +19,7 @@ from train.evaluate import evaluate, format_eval
 from train.mesh import check_batch_size, make_mesh, prefetch
 from train.metrics import MetricsLog, TrainLog, plot_curves
 from train.model_setup import initial_model, recorded_model
-from train.pipeline import RunData, steps_per_epoch
+from train.pipeline import RunData, ra_epoch_problem, steps_per_epoch
 from train.preemption import PreemptionWatch
 from train.progress import Progress, log
 from train.run_file import RUN_FILE, check_same_run, describe_changes, flags_of, write_run_file
@@ -37,7 +37,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                          val_fraction=cfg.val_fraction)
     replicated, batch_sharding = make_mesh()
     check_batch_size(cfg.batch_size, batch_sharding)
-    spe = steps_per_epoch(len(splits.train), cfg.batch_size)
+    replicas = batch_sharding.mesh.size  # repeated augmentation spreads each example's copies over them
+    spe = steps_per_epoch(len(splits.train), cfg.batch_size, True, cfg.ra_reps, replicas)
+    if spe == 0 and not cfg.eval_only and cfg.ra_reps > 1:
+        raise RunError(ra_epoch_problem(len(splits.train), cfg.batch_size, cfg.ra_reps, replicas))
     if spe == 0 and not cfg.eval_only:
         fits = len(splits.train) // jax.device_count() * jax.device_count()
         fix = f"pass --batch-size {fits} or less" if fits else "add training images"
@@ -109,7 +112,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
         # One reader for every epoch and evaluation of the same schedule: its workers start once and read ahead.
         data = RunData(splits, schedule.segments(start), image_size=cfg.image_size, augment=Augment.for_run(cfg),
-                       resize_size=cfg.val_resize_size, val_image_size=cfg.val_crop_size, **reader)
+                       resize_size=cfg.val_resize_size, val_image_size=cfg.val_crop_size, ra_reps=cfg.ra_reps,
+                       num_replicas=replicas, **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
         for stretch in schedule.stretches(start):

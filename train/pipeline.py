@@ -4,7 +4,9 @@
 (seed, epoch), decode + augment each example with a generator seeded from (seed, epoch, example index),
 batch into per-host sub-batches and slice out this host's share and the batches after ``start_batch``.
 Nothing skipped is ever decoded, and the output does not depend on ``num_workers``. :class:`RunData` reads the
-segments of a run's :class:`~train.schedule.Schedule` through one grain iterator.
+segments of a run's :class:`~train.schedule.Schedule` through one grain iterator. With repeated augmentation
+(``ra_reps`` > 1) an epoch's order is torchvision's ``RASampler``'s (:class:`RepeatedOrder`), and each copy of an
+example draws its own augmentation.
 
 Batches are ``{"image": float32 [b, S, S, 3], "label": int32 [b], "mask": float32 [b], "corrupt": int32 [b]}``:
 ``mask`` is 0 for eval padding and unreadable images, ``corrupt`` is 1 only for unreadable images (sum it to
@@ -14,6 +16,7 @@ example's (top, left, h, w) box for the step to zero after normalising (``train.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -37,10 +40,15 @@ logger = logging.getLogger(__name__)
 
 _SHUFFLE_TAG = 0
 _AUGMENT_TAG = 1
+_REPEAT_TAG = 2
 
 
-def steps_per_epoch(num_examples: int, global_batch_size: int, train: bool = True) -> int:
-    """Batches per epoch: train drops the last partial batch, eval pads it (ceil)."""
+def steps_per_epoch(num_examples: int, global_batch_size: int, train: bool = True, ra_reps: int = 1,
+                    num_replicas: int = 1) -> int:
+    """Batches per epoch: train drops the last partial batch, eval pads it (ceil); with ``ra_reps`` > 1, the
+    full batches of :class:`RepeatedOrder`'s epoch over ``num_replicas`` devices."""
+    if train and ra_reps > 1:
+        return RepeatedOrder(num_examples, ra_reps, num_replicas, global_batch_size, 0, 0).num_batches
     if train:
         return num_examples // global_batch_size
     return math.ceil(num_examples / global_batch_size)
@@ -66,7 +74,9 @@ class ExampleLoader:
     normalize: bool = True
     augment: Augment | None = None
 
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
+    def __call__(self, item: int | tuple[int, int]) -> dict[str, np.ndarray]:
+        """The example at index ``item``, or ``(index, copy)`` under repeated augmentation."""
+        index, copy = item if isinstance(item, tuple) else (item, None)
         if index >= self.num_examples:
             return self._blank(corrupt=0)
         record: dict[str, Any] = {}
@@ -75,7 +85,7 @@ class ExampleLoader:
             image = open_image(record["image"])
             box = None
             if self.train:
-                rng = example_rng(self.seed, self.epoch, index)
+                rng = example_rng(self.seed, self.epoch, index, copy)
                 pixels = train_crop(image, self.image_size, rng)
                 if self.augment is not None:
                     pixels = self.augment.image(pixels, rng)
@@ -123,9 +133,59 @@ def _describe(record: dict[str, Any], index: int) -> str:
     return f"#{index}"
 
 
-def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """Augmentation generator for one example in one epoch, independent of batching, resume and workers."""
-    return np.random.default_rng([seed % 2**64, epoch, _AUGMENT_TAG, index])
+def example_rng(seed: int, epoch: int, index: int, copy: int | None = None) -> np.random.Generator:
+    """Augmentation generator for one example in one epoch (one ``copy`` of it under repeated augmentation),
+    independent of batching, resume and workers."""
+    return np.random.default_rng([seed % 2**64, epoch, _AUGMENT_TAG, index, *(() if copy is None else (copy,))])
+
+
+@dataclass(frozen=True)
+class RepeatedOrder:
+    """torchvision's ``RASampler`` (``references/classification/sampler.py``) for one epoch, as the global order
+    of a data-parallel run: position -> (example index, copy).
+
+    Its list is the epoch's permutation with each index repeated ``reps`` times in a row; replica (device) d of
+    ``num_replicas`` takes every ``num_replicas``-th element from d, the first ``examples // 256 * 256 /
+    num_replicas`` of them (rounded down), in batches of ``batch_size / num_replicas``. Global batch k is the
+    replicas' k-th batches, replica 0 first: the rows device d receives. ``copy`` is the element's place in that
+    list, unique in the epoch, so each copy draws its own augmentation. (The list's wrap-around padding is never
+    reached: the replicas take at most ``examples`` of its ``examples * reps`` elements.)
+    """
+
+    num_examples: int
+    reps: int
+    num_replicas: int
+    batch_size: int  # global
+    seed: int
+    epoch: int
+
+    def __post_init__(self) -> None:
+        if self.reps < 1 or self.num_replicas < 1 or self.batch_size % self.num_replicas:
+            raise ValueError(f"{self}: needs reps >= 1 and a batch size that splits over the replicas")
+
+    @property
+    def per_replica(self) -> int:
+        """Elements each replica takes in an epoch (RASampler's ``num_selected_samples``)."""
+        return math.floor(self.num_examples // 256 * 256 / self.num_replicas)
+
+    @property
+    def num_batches(self) -> int:
+        """Full global batches in the epoch (the replicas' full batches)."""
+        return self.per_replica // (self.batch_size // self.num_replicas)
+
+    def __call__(self, position: int) -> tuple[int, int]:
+        """(example index, copy) at ``position`` of the epoch's global order."""
+        local = self.batch_size // self.num_replicas
+        batch, row = divmod(position, self.batch_size)
+        replica, i = divmod(row, local)
+        element = replica + (batch * local + i) * self.num_replicas
+        return int(_permutation(self.seed, self.epoch, self.num_examples)[element // self.reps]), element
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Repeated augmentation's permutation of ``range(n)`` for one epoch (computed once per process)."""
+    return np.random.default_rng([seed % 2**64, epoch, _REPEAT_TAG]).permutation(n)
 
 
 def epoch_shuffle_seed(seed: int, epoch: int) -> int:
@@ -148,6 +208,8 @@ def make_loader(
     resize_size: int | None = None,
     normalize: bool = True,
     augment: Augment | None = None,
+    ra_reps: int = 1,
+    num_replicas: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this host's batches (``batch_size`` is global), starting at global batch ``start_batch``.
 
@@ -166,6 +228,8 @@ def make_loader(
         resize_size=resize_size,
         normalize=normalize,
         augment=augment,
+        ra_reps=ra_reps,
+        num_replicas=num_replicas,
     )
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
@@ -188,17 +252,27 @@ def build_epoch_dataset(
     resize_size: int | None = None,
     normalize: bool = True,
     augment: Augment | None = None,
+    ra_reps: int = 1,
+    num_replicas: int = 1,
 ) -> grain.MapDataset:
-    """Lazy MapDataset of this host's sub-batches for one epoch; ``ds[k]`` is its share of global batch k."""
+    """Lazy MapDataset of this host's sub-batches for one epoch; ``ds[k]`` is its share of global batch k.
+
+    Training with ``ra_reps`` > 1 reads :class:`RepeatedOrder` over ``num_replicas`` devices (the run's mesh)."""
     local_batch = _local_batch_size(batch_size, process_index, process_count)
     num_examples = len(source)
-    num_batches = steps_per_epoch(num_examples, batch_size, train)
+    repeated = train and ra_reps > 1
+    num_batches = steps_per_epoch(num_examples, batch_size, train, ra_reps, num_replicas)
+    if repeated and num_batches == 0:
+        raise DataError(ra_epoch_problem(num_examples, batch_size, ra_reps, num_replicas))
     if train and num_batches == 0:
         raise DataError(
             f"train split has {num_examples} examples, fewer than one global batch of {batch_size}; "
             "lower --batch-size or add data"
         )
-    if train:
+    if repeated:
+        order = RepeatedOrder(num_examples, ra_reps, num_replicas, batch_size, seed, epoch)
+        indices = grain.MapDataset.range(num_batches * batch_size).map(order)
+    elif train:
         indices = grain.MapDataset.range(num_examples).shuffle(seed=epoch_shuffle_seed(seed, epoch))
         indices = indices[: num_batches * batch_size]
     else:
@@ -206,6 +280,17 @@ def build_epoch_dataset(
     examples = indices.map(ExampleLoader(source, num_examples, image_size, train, seed, epoch, resize_size,
                                          normalize, augment))
     return examples.batch(local_batch, drop_remainder=False)[process_index::process_count]
+
+
+def ra_epoch_problem(num_examples: int, batch_size: int, ra_reps: int, num_replicas: int) -> str:
+    """Why repeated augmentation leaves no full batch in an epoch, and the fix (one line)."""
+    kept = RepeatedOrder(num_examples, ra_reps, num_replicas, batch_size, 0, 0).per_replica
+    what = (f"--ra-reps {ra_reps}: an epoch of repeated augmentation (torchvision's RASampler) is the training images "
+            f"rounded down to a multiple of 256, here {num_examples // 256 * 256} of {num_examples}")
+    if kept == 0:
+        return f"{what}; add images or drop --ra-reps"
+    return (f"{what}, {kept} for each of the {num_replicas} devices: fewer than one batch of "
+            f"{batch_size // num_replicas} per device; lower --batch-size")
 
 
 class RunData:
@@ -229,7 +314,7 @@ class RunData:
     def __init__(self, splits: Splits, segments: Sequence[Segment], *, batch_size: int, image_size: int,
                  seed: int, num_workers: int = 0, process_index: int = 0, process_count: int = 1,
                  resize_size: int | None = None, val_image_size: int | None = None,
-                 augment: Augment | None = None) -> None:
+                 augment: Augment | None = None, ra_reps: int = 1, num_replicas: int = 1) -> None:
         common = {"batch_size": batch_size, "image_size": image_size, "seed": seed, "normalize": self.NORMALIZE,
                   "process_index": process_index, "process_count": process_count, "augment": augment}
         train_source = in_memory(splits.train) if any(s.kind == "train" for s in segments) else splits.train
@@ -237,7 +322,8 @@ class RunData:
         val = None
         for seg in segments:
             if seg.kind == "train":
-                part = build_epoch_dataset(train_source, train=True, epoch=seg.epoch, **common)[seg.start:seg.stop]
+                part = build_epoch_dataset(train_source, train=True, epoch=seg.epoch, ra_reps=ra_reps,
+                                           num_replicas=num_replicas, **common)[seg.start:seg.stop]
             else:
                 if val is None:
                     held = int(train_source.offsets[-1]) if isinstance(train_source, BytesSource) else 0
