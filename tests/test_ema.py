@@ -177,34 +177,56 @@ def test_ema_round_trips_a_checkpoint_and_the_resumed_run_keeps_its_average(tmp_
     assert int(resumed.ema.n_averaged) == 1  # updates after steps 4 (a copy: n was 0) and nothing since
 
 
-def test_predict_ema_loads_the_workdirs_ema_and_refuses_a_run_without_one(tmp_path, capsys):
+def test_predict_and_export_take_the_workdirs_ema_and_refuse_a_run_without_one(tmp_path, capsys):
     """``train.predict --ema`` (``load_from_workdir(ema=True)``) gives the checkpoint's EMA weights, the plain call
-    the model's; a run kept without ``--model-ema`` is refused in one line (exit 2)."""
+    the model's; ``train.export --ema`` writes them (with the run's class names, marked "ema"); a run kept without
+    ``--model-ema`` is refused in one line (exit 2)."""
     import dataclasses
 
     import jax
     from flax import nnx
 
-    import resnet_flax
+    from resnet_flax.model import ResNet
+    from resnet_flax.registry import ARCHS
     from train.checkpoint import Checkpoints
     from train.predict import load_from_workdir, main
     from train.run_file import write_run_file
     from train.steps import create_train_state
 
-    model = nnx.jit(lambda: resnet_flax.create_model("resnet10t", num_classes=2, seed=0))()  # one compile, not 100s
+    # resnet10t's train state with an EMA unlike the weights, as numpy values: nothing to compile
+    config = dataclasses.replace(ARCHS["resnet10t"], num_classes=2)
+    tx = make_optimizer(OptimConfig(total_steps=1, optimizer="sgd"))
+    _, shapes = nnx.eval_shape(lambda: create_train_state(ResNet(config, rngs=nnx.Rngs(0)), tx, ema=True))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
+    state = state.replace(ema=state.ema.replace(params=jax.tree.map(lambda x: x * np.float32(0.5), state.params),
+                                                n_averaged=np.int32(3)))
     for ema, wd in ((True, tmp_path / "ema"), (False, tmp_path / "plain")):
-        cfg = dataclasses.replace(TrainConfig(optimizer="sgd", model_ema=ema), workdir=wd)
-        write_run_file(cfg, model.config, ["a", "b"])
-        _, state = create_train_state(model, make_optimizer(OptimConfig(total_steps=1, optimizer="sgd")), ema=ema)
-        if ema:  # an average unlike the weights
-            state = state.replace(ema=state.ema.replace(params=jax.tree.map(lambda x: x * 0.5, state.ema.params)))
+        write_run_file(dataclasses.replace(TrainConfig(optimizer="sgd", model_ema=ema), workdir=wd), config, ["a", "b"])
         ckpts = Checkpoints(wd, async_save=False)
-        ckpts.save(1, state, {"step": 1})
+        ckpts.save(1, state if ema else state.replace(ema=None), {"step": 1})
         ckpts.close()
     averaged, _, _ = load_from_workdir(tmp_path / "ema", ema=True)
     weights, _, _ = load_from_workdir(tmp_path / "ema")
     for a, w in zip(jax.tree.leaves(nnx.state(averaged, nnx.Param)), jax.tree.leaves(nnx.state(weights, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(w) * np.float32(0.5))
+    assert jax.tree.structure(nnx.state(weights, nnx.Param)) == jax.tree.structure(state.params)
+    from safetensors.numpy import load_file
+
+    from resnet_flax.io import flat_state, read_metadata
+    from train.export import main as export_main
+
+    out = tmp_path / "ema.flax.safetensors"
+    assert export_main([str(tmp_path / "ema"), str(out), "--ema"]) == 0
+    exported, expected = load_file(str(out)), flat_state(averaged)  # the file's tensors, read without a model
+    assert exported.keys() == expected.keys()
+    for k, v in expected.items():
+        np.testing.assert_array_equal(exported[k], np.asarray(v))
+    assert read_metadata(out)["weights_set"] == "ema" and '"b"' in read_metadata(out)["class_names"]
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "plain"), str(tmp_path / "p.flax.safetensors"), "--ema"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model-ema" in err
     image = tmp_path / "x.png"
     from PIL import Image
 
