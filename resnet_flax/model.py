@@ -280,7 +280,7 @@ class ResNet(nnx.Module):
         blocks = self.blocks()
         deterministic = self.bn1.use_running_average  # the model's current mode
         for net_block_idx, blk in enumerate(blocks):
-            block_dpr = rate * net_block_idx / (len(blocks) - 1)
+            block_dpr = rate * net_block_idx / max(len(blocks) - 1, 1)  # one block: 0 (timm divides by 0)
             blk.drop_path = DropPath(block_dpr, deterministic=deterministic) if block_dpr > 0.0 else None
         self.drop_path_rate = float(rate)
 
