@@ -107,7 +107,7 @@ def build_train(case: Case) -> Workload:
     tx = steps.make_optimizer(cfg)
     graphdef, state = steps.create_train_state(model, tx)
     if case.flax.donate:
-        train_step, _ = steps.jit_steps(graphdef, tx, cfg)
+        train_step, _ = steps.jit_steps(graphdef, cfg)
     else:
         train_step = jax.jit(functools.partial(steps.train_step, graphdef, tx, cfg))
     batch = random_batch(case)

@@ -192,7 +192,7 @@ def test_train_step_draws_from_the_seed_and_the_step():
         cfg = OptimConfig(total_steps=100, optimizer="sgd", label_smoothing=0.0, seed=seed, grad_accum_steps=k)
         tx = make_optimizer(cfg)
         graphdef, state = create_train_state(Tiny(nnx.Rngs(0)), tx)
-        return jax.jit(lambda s, b: train_step(graphdef, tx, cfg, s, b)), state
+        return jax.jit(lambda s, b: train_step(graphdef, cfg, s, b)), state
 
     def loss_at(step: int, seed: int = 0, k: int = 1) -> float:
         step_fn, state = compiled(seed, k)

@@ -67,7 +67,7 @@ def train(cfg: OptimConfig, state=None, start: int = 0, stop: int = STEPS):
     tx = make_optimizer(cfg)
     graphdef, fresh = create_train_state(tiny_model(), tx, ema=True)
     state = fresh if state is None else state
-    step = jax.jit(lambda s, b: train_step(graphdef, tx, cfg, s, b))
+    step = jax.jit(lambda s, b: train_step(graphdef, cfg, s, b))
     seen = []
     for b in batches()[start:stop]:
         state, _ = step(state, b)

@@ -215,7 +215,7 @@ def test_masked_examples_do_not_move_a_train_step(arch):
     cfg = OptimConfig(total_steps=2, optimizer="sgd", lr=0.1, warmup_steps=0, label_smoothing=0.0)
     tx = make_optimizer(cfg)
     graphdef, state0 = create_train_state(resnet_flax.create_model(arch, num_classes=4, seed=0), tx)
-    step, _ = jit_steps(graphdef, tx, cfg)
+    step, _ = jit_steps(graphdef, cfg)
 
     def after(images, labels, mask):
         state = jax.tree.map(jnp.array, state0)  # the step donates its input

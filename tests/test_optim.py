@@ -271,7 +271,7 @@ def accum_step(k: int, bn: bool, dtype: str, images: np.ndarray, labels: np.ndar
     with jax.enable_x64(dtype == "float64"):  # the same initial values, in float64
         state = jax.tree.map(lambda x: x.astype(dtype) if x.dtype == np.float32 else x, state)
         batch = {"image": images.astype(dtype), "label": labels, "mask": mask.astype(dtype)}
-        new, metrics = jax.jit(lambda s, b: train_step(graphdef, tx, cfg, s, b))(state, batch)
+        new, metrics = jax.jit(lambda s, b: train_step(graphdef, cfg, s, b))(state, batch)
         return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get((new, metrics))), state
 
 

@@ -288,7 +288,7 @@ def reordering_noise(perms: list[np.ndarray]) -> float:
     batches = [{k: v for k, v in b.items() if k != "corrupt"} for _, b in zip(range(3), loader)]
     tx = make_optimizer(cfg)
     graphdef, _ = create_train_state(resnet_flax.create_model("resnet10t", num_classes=splits.num_classes), tx)
-    step, _ = jit_steps(graphdef, tx, cfg)  # compiled once, for every ordering
+    step, _ = jit_steps(graphdef, cfg)  # compiled once, for every ordering
 
     def final(perm: np.ndarray | None) -> np.ndarray:
         _, state = create_train_state(resnet_flax.create_model("resnet10t", num_classes=splits.num_classes, seed=0),
@@ -301,8 +301,8 @@ def reordering_noise(perms: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(final(p) - ref))) for p in perms)
 
 
-# The multi-device tests keep every run of a test on one learning-rate schedule (the same --max-steps), so that
-# each device layout compiles its steps once and the reruns load them from the compilation cache.
+# The multi-device tests share one recipe, so that each device layout compiles its steps once (the run's length is
+# an argument of the compiled step) and the other runs load them from the compilation cache.
 MULTI_HOST = [*SMALL, "--arch", "resnet10t", "--dataset", "synthetic", "--batch-size", "8", "--log-every", "1"]
 
 

@@ -233,18 +233,19 @@ def nan_workdir(tmp_path_factory):
     """A run whose update at step 5 makes the weights infinite while the loss it reports is still finite (the
     learning rate becomes inf there): the finiteness check must look at the state, not the loss."""
     import jax.numpy as jnp
-    import optax
+
+    import train.steps
 
     tmp = tmp_path_factory.mktemp("nan")
     folder = write_folder(tmp / "data", per_class=6)
-    real = optax.warmup_cosine_decay_schedule
+    real = train.steps.lr_schedule
 
     def blows_up_at_step_5(*args, **kwargs):
         sched = real(*args, **kwargs)
         return lambda count: jnp.where(count >= 4, jnp.inf, sched(count))
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(optax, "warmup_cosine_decay_schedule", blows_up_at_step_5)
+    mp.setattr(train.steps, "lr_schedule", blows_up_at_step_5)
     wd, stderr = tmp / "wd", io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):

@@ -14,6 +14,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -107,12 +108,35 @@ def ema_decay_for(decay: float, global_batch: int, every: int, epochs: float) ->
     return 1.0 - min(1.0, (1.0 - decay) * global_batch * every / epochs)
 
 
-def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
+def run_length(cfg: OptimConfig) -> dict[str, Any]:
+    """The values of ``cfg`` that depend on how long the run is: given to the compiled train step as arguments, not
+    built into it, so that a longer or a resumed run with more epochs, and every run of one recipe whatever its
+    length, use one compiled program (and the compilation cache's copy of it)."""
+    total = cfg.total_steps
+    return {"total_steps": np.int32(total), "warmup_steps": np.int32(cfg.warmup_steps),
+            "steps_per_epoch": np.int32(cfg.steps_per_epoch or total), "ema_decay": np.float32(cfg.ema_decay),
+            "ema_keep": np.float32(1.0 - cfg.ema_decay)}
+
+
+def lr_schedule(cfg: OptimConfig, length: dict[str, Any] | None = None) -> optax.Schedule:
     """Linear warm-up from ``cfg.lr * cfg.lr_warmup_decay`` to ``cfg.lr``, then cosine decay to ``cfg.lr_min`` at
-    ``cfg.total_steps``."""
-    warmup = min(cfg.warmup_steps, max(cfg.total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(cfg.lr * cfg.lr_warmup_decay, cfg.lr, warmup,
-                                              max(cfg.total_steps, warmup + 1), cfg.lr_min)
+    the run's last step (optax's ``warmup_cosine_decay_schedule``, written over traced lengths: ``length`` is
+    :func:`run_length`'s, as arrays inside the train step; ``cfg``'s own by default)."""
+    length = length or run_length(cfg)
+    start, peak, end = cfg.lr * cfg.lr_warmup_decay, cfg.lr, cfg.lr_min
+    alpha = 0.0 if peak == 0 else end / peak
+
+    def schedule(count: jax.Array) -> jax.Array:
+        real = jnp.result_type(float)  # float32, or float64 under jax.enable_x64
+        count = jnp.asarray(count)
+        warmup = jnp.minimum(length["warmup_steps"], jnp.maximum(length["total_steps"] - 1, 0))
+        decay_steps = (jnp.maximum(length["total_steps"], warmup + 1) - warmup).astype(real)
+        frac = 1.0 - jnp.clip(count, 0, warmup).astype(real) / jnp.maximum(warmup, 1).astype(real)
+        warming = (start - peak) * frac + peak
+        cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum((count - warmup).astype(real), decay_steps) / decay_steps))
+        return jnp.where(count < warmup, warming, peak * ((1.0 - alpha) * cosine + alpha))
+
+    return schedule
 
 
 def decay_mask(params: nnx.State) -> Any:
@@ -120,10 +144,10 @@ def decay_mask(params: nnx.State) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, length: dict[str, Any] | None = None) -> optax.GradientTransformation:
     """SGD (Nesterov) momentum, AdamW, timm's LAMB or MLPerf's LARS on the warm-up + cosine schedule, decay (and
-    LAMB's/LARS's layer-wise adaptation) masked as above."""
-    sched = lr_schedule(cfg)
+    LAMB's/LARS's layer-wise adaptation) masked as above; ``length`` as for :func:`lr_schedule`."""
+    sched = lr_schedule(cfg, length)
     if cfg.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
                            optax.sgd(sched, momentum=cfg.momentum, nesterov=cfg.nesterov))
@@ -150,15 +174,16 @@ def create_train_state(model: ResNet, tx: optax.GradientTransformation, ema: boo
     return graphdef, state
 
 
-def ema_update(ema: EmaState, params: nnx.State, batch_stats: nnx.State, step: jax.Array, decay: float,
-               every: int, steps_per_epoch: int, warmup_steps: int) -> EmaState:
+def ema_update(ema: EmaState, params: nnx.State, batch_stats: nnx.State, step: jax.Array, decay: Any, keep: Any,
+               every: int, steps_per_epoch: Any, warmup_steps: Any) -> EmaState:
     """torchvision's EMA after the optimizer step of batch ``step`` (0-based, over the run): at batch index ``i``
     of its epoch with ``i % every == 0``, ``AveragedModel.update_parameters`` with ``ema_avg`` (a copy while
-    ``n_averaged`` is 0, else ``decay * ema + (1 - decay) * weight``, parameters and BatchNorm statistics alike),
+    ``n_averaged`` is 0, else ``decay * ema + keep * weight`` with ``keep = 1 - decay`` (computed in float64, as
+    torch does), parameters and BatchNorm statistics alike),
     then ``n_averaged`` back to 0 while the step is in the warm-up (torchvision's ``epoch < lr_warmup_epochs``)."""
     def update(ema: EmaState) -> EmaState:
         def avg(a: jax.Array, p: jax.Array) -> jax.Array:
-            mixed = jnp.asarray(decay, a.dtype) * a + jnp.asarray(1.0 - decay, a.dtype) * p
+            mixed = jnp.asarray(decay, a.dtype) * a + jnp.asarray(keep, a.dtype) * p
             return jnp.where(ema.n_averaged == 0, p, mixed)
 
         n = jnp.where(step < warmup_steps, 0, ema.n_averaged + 1).astype(ema.n_averaged.dtype)
@@ -224,9 +249,12 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(trees)]))
 
 
-def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
-               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(graphdef: nnx.GraphDef, cfg: OptimConfig, state: TrainState, batch: Batch,
+               length: dict[str, jax.Array] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
+
+    ``length`` is :func:`run_length`'s values as arrays (``cfg``'s by default): :func:`jit_steps` passes them as
+    arguments, so the step is compiled once for runs of any length.
 
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
     batch. Masked-out examples (unreadable images) are excluded from the loss and the BatchNorm statistics.
@@ -239,6 +267,7 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     by its own statistics and updates its running statistics K times. A model with stochastic depth draws its
     masks from :func:`drop_path_key` (each micro-batch from its own split of it).
     """
+    length = run_length(cfg) if length is None else length
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     mask, labels, targets = batch["mask"], batch["label"], None
     images = normalize_images(batch["image"], mask)
@@ -271,19 +300,20 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Op
     else:
         loss, logits, grads, batch_stats = _accumulate(graphdef, state, grad_fn, cfg.grad_accum_steps,
                                                        (images, labels, targets, mask), key)
+    tx = make_optimizer(cfg, length)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train_loss": loss,
         "train_top1": _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask),
         "grad_norm": optax.tree.norm(grads),
-        "lr": lr_schedule(cfg)(state.step),
+        "lr": lr_schedule(cfg, length)(state.step),
         "state_finite": all_finite(params, batch_stats),
     }
     ema = state.ema
     if ema is not None:
-        ema = ema_update(ema, params, batch_stats, state.step, cfg.ema_decay, cfg.ema_steps,
-                         cfg.steps_per_epoch or cfg.total_steps, cfg.warmup_steps)
+        ema = ema_update(ema, params, batch_stats, state.step, length["ema_decay"], length["ema_keep"],
+                         cfg.ema_steps, length["steps_per_epoch"], length["warmup_steps"])
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                               ema=ema)
     return new_state, metrics
@@ -329,9 +359,28 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
     return out
 
 
-def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: OptimConfig,
-              state_sharding: Any = None, batch_sharding: Any = None
-              ) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, dict]], Callable[[TrainState, Batch], dict]]:
+class TrainStep:
+    """The compiled ``train_step`` of one recipe, called as ``step(state, batch)``: it passes the run's
+    :func:`run_length` values as arguments (replicated over the state's devices, made on first use)."""
+
+    def __init__(self, jitted: Callable, length: dict[str, Any], sharding: Any = None):
+        self.jitted, self.length, self.sharding, self._args = jitted, length, sharding, None
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if self._args is None:
+            self._args = {k: v if self.sharding is None else jax.make_array_from_callback((), self.sharding,
+                                                                                          lambda _, v=v: v)
+                          for k, v in self.length.items()}
+        return self.jitted(state, batch, self._args)
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        """``jax.jit``'s lowering, for compiling ahead of time (``--compile-only``)."""
+        spec = {k: jax.ShapeDtypeStruct((), v.dtype, sharding=self.sharding) for k, v in self.length.items()}
+        return self.jitted.lower(state, batch, spec)
+
+
+def jit_steps(graphdef: nnx.GraphDef, cfg: OptimConfig, state_sharding: Any = None, batch_sharding: Any = None
+              ) -> tuple[TrainStep, Callable[[TrainState, Batch], dict]]:
     """``train_step`` and ``eval_step`` compiled with the given shardings; the train state is donated.
 
     The CPU compiler options go only to a CPU compile: a TPU compile from a CPU-only process
@@ -339,14 +388,15 @@ def jit_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Opt
     """
     platform = state_sharding.mesh.devices.flat[0].platform if state_sharding is not None else "cpu"
     cpu = platform == "cpu"
-    train = jax.jit(functools.partial(train_step, graphdef, tx, cfg), donate_argnums=0,
-                    in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
-                    out_shardings=(state_sharding, None) if state_sharding is not None else None,
+    sharded = state_sharding is not None
+    train = jax.jit(functools.partial(train_step, graphdef, cfg), donate_argnums=0,
+                    in_shardings=(state_sharding, batch_sharding, state_sharding) if sharded else None,
+                    out_shardings=(state_sharding, None) if sharded else None,
                     compiler_options=cpu_compiler_options(CPU_TRAIN_OPTIONS) if cpu else None)
     evaluate = jax.jit(functools.partial(eval_step, graphdef),
-                       in_shardings=(state_sharding, batch_sharding) if state_sharding is not None else None,
+                       in_shardings=(state_sharding, batch_sharding) if sharded else None,
                        compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS) if cpu else None)
-    return train, evaluate
+    return TrainStep(train, run_length(cfg), state_sharding), evaluate
 
 
 def build_steps(model: ResNet, cfg: OptimConfig, state_sharding: Any, batch_sharding: Any
@@ -354,5 +404,5 @@ def build_steps(model: ResNet, cfg: OptimConfig, state_sharding: Any, batch_shar
     """(fresh host-side state, train_step, eval_step) of ``model``: what a run and ``--compile-only`` compile."""
     tx = make_optimizer(cfg)
     graphdef, state = create_train_state(model, tx, ema=cfg.model_ema)
-    train, evaluate = jit_steps(graphdef, tx, cfg, state_sharding, batch_sharding)
+    train, evaluate = jit_steps(graphdef, cfg, state_sharding, batch_sharding)
     return state, train, evaluate
