@@ -21,21 +21,12 @@ from flax import nnx
 from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_compiler_options
 from resnet_flax.model import ResNet
 from train.config import TrainConfig
+from train.ema import EmaState, ema_decay_for, ema_update
 from train.mixing import erase_boxes, mix_batch, mix_key
 from train.optim import lamb, lars
 from train.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Batch = dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class EmaState:
-    """torchvision's ``ExponentialMovingAverage`` of the weights: averaged parameters and BatchNorm statistics
-    (``use_buffers=True``) and its ``n_averaged`` counter (0: the next update copies the model)."""
-
-    params: nnx.State
-    batch_stats: nnx.State
-    n_averaged: jax.Array
 
 
 @flax.struct.dataclass
@@ -102,12 +93,6 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
     return base_lr * global_batch / reference_batch
 
 
-def ema_decay_for(decay: float, global_batch: int, every: int, epochs: float) -> float:
-    """torchvision's train.py adjustment of ``--model-ema-decay``: ``alpha = min(1, (1 - decay) * adjust)`` with
-    ``adjust = world_size * batch_size * model_ema_steps / epochs`` (here the global batch); returns ``1 - alpha``."""
-    return 1.0 - min(1.0, (1.0 - decay) * global_batch * every / epochs)
-
-
 def run_length(cfg: OptimConfig) -> dict[str, Any]:
     """The values of ``cfg`` that depend on how long the run is: given to the compiled train step as arguments, not
     built into it, so that a longer or a resumed run with more epochs, and every run of one recipe whatever its
@@ -172,29 +157,6 @@ def create_train_state(model: ResNet, tx: optax.GradientTransformation, ema: boo
                        opt_state=tx.init(params),
                        ema=EmaState(copy(params), copy(batch_stats), jnp.zeros((), jnp.int32)) if ema else None)
     return graphdef, state
-
-
-def ema_update(ema: EmaState, params: nnx.State, batch_stats: nnx.State, step: jax.Array, decay: Any, keep: Any,
-               every: int, steps_per_epoch: Any, warmup_steps: Any) -> EmaState:
-    """torchvision's EMA after the optimizer step of batch ``step`` (0-based, over the run): at batch index ``i``
-    of its epoch with ``i % every == 0``, ``AveragedModel.update_parameters`` with ``ema_avg`` (a copy while
-    ``n_averaged`` is 0, else ``decay * ema + keep * weight`` with ``keep = 1 - decay`` (computed in float64, as
-    torch does), parameters and BatchNorm statistics alike),
-    then ``n_averaged`` back to 0 while the step is in the warm-up (torchvision's ``epoch < lr_warmup_epochs``)."""
-    def update(ema: EmaState) -> EmaState:
-        def avg(a: jax.Array, p: jax.Array) -> jax.Array:
-            mixed = jnp.asarray(decay, a.dtype) * a + jnp.asarray(keep, a.dtype) * p
-            return jnp.where(ema.n_averaged == 0, p, mixed)
-
-        n = jnp.where(step < warmup_steps, 0, ema.n_averaged + 1).astype(ema.n_averaged.dtype)
-        return EmaState(jax.tree.map(avg, ema.params, params), jax.tree.map(avg, ema.batch_stats, batch_stats), n)
-
-    return jax.lax.cond(step % steps_per_epoch % every == 0, update, lambda ema: ema, ema)
-
-
-def ema_view(state: TrainState) -> TrainState:
-    """``state`` with the EMA's weights in place of the model's (what evaluation and prediction of the EMA use)."""
-    return state.replace(params=state.ema.params, batch_stats=state.ema.batch_stats)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
