@@ -29,10 +29,14 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class _QuietOrbaxErrors(logging.Filter):
-    """Drop orbax's logged tracebacks of a failed save: :class:`Checkpoints` reports the failure in one line."""
+    """Drop orbax's logged tracebacks of a failed save (:class:`Checkpoints` reports the failure in one line) and
+    its "Waiting for previous save to complete took N seconds" warnings (a save waits for the one before it by
+    design; on a busy machine with a short --checkpoint-every every save would print one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return record.levelno < logging.ERROR and not record.getMessage().startswith("Waiting for previous save")
 
 
 logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
