@@ -1,7 +1,8 @@
 """``python -m train --compile-only``: the real run's steps compiled for TPU topologies, without a TPU.
 
-The two compiles (one host, four hosts) run side by side in children, the way users run them; each takes
-about a minute of CPU, so they are in the slow tier (``--slow``) and a test run compiles them once
+The two compiles (one host, four hosts) of a small ResNet (resnet10t at 32 px: every kind of layer of the family's
+train step, at a quarter of resnet18's compile time) run side by side in children, the way users run them; each takes
+10-20 s of CPU, so they are in the slow tier (``--slow``) and a test run compiles them once
 (:func:`reports`), whichever xdist workers its tests land on. Without libtpu (the ``tpu`` extra) they are
 skipped, except in CI, which installs it.
 """
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not os.environ.get("CI"),
                                   reason="libtpu not installed: pip install -e '.[tpu]'")
-RESNET18_BATCHNORMS = 20  # bn1, 2 per basic block x 8, 3 downsample
+ARCH, IMAGE_SIZE = "resnet10t", "32"
+BATCHNORMS = 14  # 3 in the deep stem, 2 per basic block x 4, 3 in the downsampling shortcuts
 # (topology, devices, hosts, global batch): 16 images a device, so the optimizer's per-parameter FLOPs stay small
 CASES = {"one host": ("v5e:2x2", 4, 1, 64), "four hosts": ("v5e:4x4", 16, 4, 256)}
 
@@ -44,7 +46,7 @@ def tpu_compile(test):
 
 
 def compile_only(*args: str, workdir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "train", "--compile-only", "--arch", "resnet18", "--image-size", "64",
+    cmd = [sys.executable, "-m", "train", "--compile-only", "--arch", ARCH, "--image-size", IMAGE_SIZE,
            "--dtype", "bfloat16", "--dataset", "synthetic", "--workdir", str(workdir), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}  # TPU code stays out
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -107,10 +109,11 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
     assert "fits" in stdout and "roofline" in stdout and not stderr.strip()  # libtpu kept quiet
 
     # XLA counts taps on the zero padding out, as the analytic count does; it also counts the elementwise
-    # work (BatchNorm, ReLU, loss, AdamW) that 3 x conv+fc leaves out: measured +4.1 % at 16 images a device
-    # (deterministic: the same compile gives the same count; +5.7 % at 8 a device, the AdamW share doubling).
+    # work (BatchNorm, ReLU, loss, AdamW) that 3 x conv+fc leaves out: measured +11.3 % for resnet10t at 32 px and
+    # 16 images a device (deterministic: the same compile gives the same count; +4.8 % at 64 px, where each image's
+    # convolutions are four times the work and AdamW's per-parameter work is not; +4.1 % for resnet18 at 64 px).
     excess = report["flops_per_image"] / report["analytic_flops_per_image"] - 1
-    assert 0 <= excess < 0.05, excess
+    assert 0 <= excess < 0.13, excess
 
     sh = report["shardings"]
     assert sh["state_replicated"] and sh["state_out_replicated"] and sh["mesh"] == {"data": devices}
@@ -121,8 +124,8 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
     assert set(coll) == {"all-reduce"}, coll  # no all-gather of activations or parameters, no resharding
     ar = coll["all-reduce"]
     assert ar["groups"] == [devices]  # every reduction is over the whole data axis
-    assert ar["forward"] >= RESNET18_BATCHNORMS  # each BatchNorm's batch statistics (mean, then variance)
-    assert ar["backward"] >= RESNET18_BATCHNORMS  # each BatchNorm's gradient sums
+    assert ar["forward"] >= BATCHNORMS  # each BatchNorm's batch statistics (mean, then variance)
+    assert ar["backward"] >= BATCHNORMS  # each BatchNorm's gradient sums
     assert ar["bytes"] >= 2 * report["params"]  # and every parameter's gradient (at least in bfloat16)
     assert report["eval_collectives"]["all-reduce"]["count"] == 1  # eval: only the metric sums
 
@@ -131,15 +134,15 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
 @tpu_compile
 def test_a_batch_that_does_not_fit_exits_2_naming_the_largest_that_does(reports, tmp_path):
     """The search with real compiles, kept small: the one-host case on a v5e with one byte less HBM than its
-    batch needs. (At 64 px a device's memory is flat below ~8 images, XLA's tiles: measured 177.95 MB at 1
-    image a device, 178.70 at 8, 185.08 at 16; so a cut deeper than that would leave nothing that fits.)"""
+    batch needs. (A device's memory is flat at a few images a device, XLA's tiles: for resnet18 at 64 px, 177.95 MB
+    at 1 image, 178.70 at 8, 185.08 at 16; a deep cut could leave nothing that fits.)"""
     report = reports["one host"][0]
     topology, devices, _, batch = CASES["one host"]
     hbm = report["memory"]["train"]["total"] - 1
     code = ("import dataclasses, sys; import train.tpu_sizing as ts; "
             f"ts.CHIPS['TPU v5 lite'] = dataclasses.replace(ts.CHIPS['TPU v5 lite'], hbm_bytes={hbm}); "
             "sys.exit(ts.main(sys.argv[1:]))")
-    args = ["--compile-only", "--arch", "resnet18", "--image-size", "64", "--dtype", "bfloat16", "--dataset",
+    args = ["--compile-only", "--arch", ARCH, "--image-size", IMAGE_SIZE, "--dtype", "bfloat16", "--dataset",
             "synthetic", "--workdir", str(tmp_path), "--topology", topology, "--batch-size", str(batch)]
     env = {k: v for k, v in isolation_env(topology).items() if not k.startswith("JAX_COMPILATION_CACHE")}
     proc = subprocess.run([*no_network_prefix(), sys.executable, "-c", code, *args], cwd=ROOT, env=env,
