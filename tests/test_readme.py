@@ -4,7 +4,7 @@
 from a clone); ``python`` blocks run in this process; ``text`` blocks are shown, not run (commands for machines
 the tests do not have: a TPU pod slice). Two kinds of line are checked instead of run: ``pip
 install`` lines (their extras must exist in pyproject.toml; ``.ci/run`` performs the install) and ``python -m
-pytest -q`` (it must be what ``.ci/run`` runs). Nothing is downloaded: ``weights="DEFAULT"`` finds the
+pytest -q --slow`` (it must be what ``.ci/run`` runs). Nothing is downloaded: ``weights="DEFAULT"`` finds the
 converted file its first call would have cached, put in a fresh cache (random weights) beforehand.
 """
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 PIP = re.compile(r'^pip install -e (\.|"\.\[(\w+)\]")(\s+#.*)?$')
-TEST_COMMAND = "python -m pytest -q"
+TEST_COMMAND = "python -m pytest -q --slow"
 
 
 def blocks() -> list[tuple[str, str]]:
