@@ -93,29 +93,31 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 256) -> 
     return base_lr * global_batch / reference_batch
 
 
-def run_length(cfg: OptimConfig) -> dict[str, Any]:
-    """The values of ``cfg`` that depend on how long the run is: given to the compiled train step as arguments, not
-    built into it, so that a longer or a resumed run with more epochs, and every run of one recipe whatever its
-    length, use one compiled program (and the compilation cache's copy of it)."""
+def schedule_values(cfg: OptimConfig, exact: bool = False) -> dict[str, Any]:
+    """The learning-rate and EMA schedules' values of ``cfg`` (run length, warm-up, learning rates, EMA decay): given
+    to the compiled train step as arguments, not built into it, so that runs of one recipe share one compiled
+    program (and the compilation cache's copy of it) whatever their length or learning rate, and extending a run
+    compiles nothing. As float32/int32 scalars, or as Python numbers with ``exact`` (any precision, outside a step)."""
     total = cfg.total_steps
-    return {"total_steps": np.int32(total), "warmup_steps": np.int32(cfg.warmup_steps),
-            "steps_per_epoch": np.int32(cfg.steps_per_epoch or total), "ema_decay": np.float32(cfg.ema_decay),
-            "ema_keep": np.float32(1.0 - cfg.ema_decay)}
+    values = {"total_steps": total, "warmup_steps": cfg.warmup_steps, "steps_per_epoch": cfg.steps_per_epoch or total,
+              "lr": cfg.lr, "lr_start": cfg.lr * cfg.lr_warmup_decay, "lr_min": cfg.lr_min,
+              "ema_decay": cfg.ema_decay, "ema_keep": 1.0 - cfg.ema_decay}
+    return values if exact else {k: np.int32(v) if isinstance(v, int) else np.float32(v) for k, v in values.items()}
 
 
-def lr_schedule(cfg: OptimConfig, length: dict[str, Any] | None = None) -> optax.Schedule:
+def lr_schedule(cfg: OptimConfig, values: dict[str, Any] | None = None) -> optax.Schedule:
     """Linear warm-up from ``cfg.lr * cfg.lr_warmup_decay`` to ``cfg.lr``, then cosine decay to ``cfg.lr_min`` at
-    the run's last step (optax's ``warmup_cosine_decay_schedule``, written over traced lengths: ``length`` is
-    :func:`run_length`'s, as arrays inside the train step; ``cfg``'s own by default)."""
-    length = length or run_length(cfg)
-    start, peak, end = cfg.lr * cfg.lr_warmup_decay, cfg.lr, cfg.lr_min
-    alpha = 0.0 if peak == 0 else end / peak
+    the run's last step (optax's ``warmup_cosine_decay_schedule``, written over traced values: ``values`` is
+    :func:`schedule_values`'s, as arrays inside the train step; ``cfg``'s own, exact, by default)."""
+    v = schedule_values(cfg, exact=True) if values is None else values
 
     def schedule(count: jax.Array) -> jax.Array:
         real = jnp.result_type(float)  # float32, or float64 under jax.enable_x64
         count = jnp.asarray(count)
-        warmup = jnp.minimum(length["warmup_steps"], jnp.maximum(length["total_steps"] - 1, 0))
-        decay_steps = (jnp.maximum(length["total_steps"], warmup + 1) - warmup).astype(real)
+        start, peak, end = v["lr_start"], v["lr"], v["lr_min"]
+        alpha = jnp.where(peak == 0, 0.0, end / jnp.where(peak == 0, 1.0, peak))
+        warmup = jnp.minimum(v["warmup_steps"], jnp.maximum(v["total_steps"] - 1, 0))
+        decay_steps = (jnp.maximum(v["total_steps"], warmup + 1) - warmup).astype(real)
         frac = 1.0 - jnp.clip(count, 0, warmup).astype(real) / jnp.maximum(warmup, 1).astype(real)
         warming = (start - peak) * frac + peak
         cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum((count - warmup).astype(real), decay_steps) / decay_steps))
@@ -129,10 +131,10 @@ def decay_mask(params: nnx.State) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: OptimConfig, length: dict[str, Any] | None = None) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, values: dict[str, Any] | None = None) -> optax.GradientTransformation:
     """SGD (Nesterov) momentum, AdamW, timm's LAMB or MLPerf's LARS on the warm-up + cosine schedule, decay (and
-    LAMB's/LARS's layer-wise adaptation) masked as above; ``length`` as for :func:`lr_schedule`."""
-    sched = lr_schedule(cfg, length)
+    LAMB's/LARS's layer-wise adaptation) masked as above; ``values`` as for :func:`lr_schedule`."""
+    sched = lr_schedule(cfg, values)
     if cfg.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
                            optax.sgd(sched, momentum=cfg.momentum, nesterov=cfg.nesterov))
@@ -212,11 +214,11 @@ def all_finite(*trees: Any) -> jax.Array:
 
 
 def train_step(graphdef: nnx.GraphDef, cfg: OptimConfig, state: TrainState, batch: Batch,
-               length: dict[str, jax.Array] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               values: dict[str, jax.Array] | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step: forward in train mode, loss, gradients, optax update, BN statistics.
 
-    ``length`` is :func:`run_length`'s values as arrays (``cfg``'s by default): :func:`jit_steps` passes them as
-    arguments, so the step is compiled once for runs of any length.
+    ``values`` is :func:`schedule_values`'s, as arrays (``cfg``'s by default): :func:`jit_steps` passes them as
+    arguments, so the step is compiled once for runs of any length and learning rate.
 
     Under ``jit`` with the batch sharded over a mesh the BN statistics and the loss are over the global
     batch. Masked-out examples (unreadable images) are excluded from the loss and the BatchNorm statistics.
@@ -229,7 +231,7 @@ def train_step(graphdef: nnx.GraphDef, cfg: OptimConfig, state: TrainState, batc
     by its own statistics and updates its running statistics K times. A model with stochastic depth draws its
     masks from :func:`drop_path_key` (each micro-batch from its own split of it).
     """
-    length = run_length(cfg) if length is None else length
+    values = schedule_values(cfg) if values is None else values
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     mask, labels, targets = batch["mask"], batch["label"], None
     images = normalize_images(batch["image"], mask)
@@ -262,20 +264,20 @@ def train_step(graphdef: nnx.GraphDef, cfg: OptimConfig, state: TrainState, batc
     else:
         loss, logits, grads, batch_stats = _accumulate(graphdef, state, grad_fn, cfg.grad_accum_steps,
                                                        (images, labels, targets, mask), key)
-    tx = make_optimizer(cfg, length)
+    tx = make_optimizer(cfg, values)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train_loss": loss,
         "train_top1": _masked_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask),
         "grad_norm": optax.tree.norm(grads),
-        "lr": lr_schedule(cfg, length)(state.step),
+        "lr": lr_schedule(cfg, values)(state.step),
         "state_finite": all_finite(params, batch_stats),
     }
     ema = state.ema
     if ema is not None:
-        ema = ema_update(ema, params, batch_stats, state.step, length["ema_decay"], length["ema_keep"],
-                         cfg.ema_steps, length["steps_per_epoch"], length["warmup_steps"])
+        ema = ema_update(ema, params, batch_stats, state.step, values["ema_decay"], values["ema_keep"],
+                         cfg.ema_steps, values["steps_per_epoch"], values["warmup_steps"])
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                               ema=ema)
     return new_state, metrics
@@ -323,21 +325,21 @@ def eval_step(graphdef: nnx.GraphDef, state: TrainState, batch: Batch) -> dict[s
 
 class TrainStep:
     """The compiled ``train_step`` of one recipe, called as ``step(state, batch)``: it passes the run's
-    :func:`run_length` values as arguments (replicated over the state's devices, made on first use)."""
+    :func:`schedule_values` values as arguments (replicated over the state's devices, made on first use)."""
 
-    def __init__(self, jitted: Callable, length: dict[str, Any], sharding: Any = None):
-        self.jitted, self.length, self.sharding, self._args = jitted, length, sharding, None
+    def __init__(self, jitted: Callable, values: dict[str, Any], sharding: Any = None):
+        self.jitted, self.values, self.sharding, self._args = jitted, values, sharding, None
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         if self._args is None:
             self._args = {k: v if self.sharding is None else jax.make_array_from_callback((), self.sharding,
                                                                                           lambda _, v=v: v)
-                          for k, v in self.length.items()}
+                          for k, v in self.values.items()}
         return self.jitted(state, batch, self._args)
 
     def lower(self, state: Any, batch: Any) -> Any:
         """``jax.jit``'s lowering, for compiling ahead of time (``--compile-only``)."""
-        spec = {k: jax.ShapeDtypeStruct((), v.dtype, sharding=self.sharding) for k, v in self.length.items()}
+        spec = {k: jax.ShapeDtypeStruct((), v.dtype, sharding=self.sharding) for k, v in self.values.items()}
         return self.jitted.lower(state, batch, spec)
 
 
@@ -358,7 +360,7 @@ def jit_steps(graphdef: nnx.GraphDef, cfg: OptimConfig, state_sharding: Any = No
     evaluate = jax.jit(functools.partial(eval_step, graphdef),
                        in_shardings=(state_sharding, batch_sharding) if sharded else None,
                        compiler_options=cpu_compiler_options(CPU_EVAL_OPTIONS) if cpu else None)
-    return TrainStep(train, run_length(cfg), state_sharding), evaluate
+    return TrainStep(train, schedule_values(cfg), state_sharding), evaluate
 
 
 def build_steps(model: ResNet, cfg: OptimConfig, state_sharding: Any, batch_sharding: Any

@@ -30,7 +30,7 @@ def shardings(compiled) -> dict[str, Any]:
     """How the compiled train step lays out its inputs and outputs over the mesh."""
     import jax
 
-    (state, batch, *_), _ = compiled.input_shardings  # after them, the run's length (train.steps.run_length)
+    (state, batch, *_), _ = compiled.input_shardings  # then the schedule values (train.steps.schedule_values)
     state_out, _ = compiled.output_shardings
     leaves = jax.tree.leaves(state)
     return {"state_replicated": all(s.is_fully_replicated for s in leaves),
