@@ -101,26 +101,27 @@ def optim_config() -> steps.OptimConfig:
 
 
 def build_train(case: Case) -> Workload:
-    """train.steps' jitted ``train_step`` (state donated unless the case says not to) on a fixed batch."""
+    """train.steps' ``train_step`` under ``jax.jit`` (state donated unless the case says not to) on a fixed batch.
+
+    Jitted here, not by ``steps.jit_steps``, whose CPU compile options would add to the case's: each case
+    compiles with exactly its own options (``plain``: none)."""
     model = random_model(case.arch, COMPUTE_DTYPES[case.dtype], case.seed)
     cfg = optim_config()
-    tx = steps.make_optimizer(cfg)
-    graphdef, state = steps.create_train_state(model, tx)
-    if case.flax.donate:
-        train_step, _ = steps.jit_steps(graphdef, cfg)
-    else:
-        train_step = jax.jit(functools.partial(steps.train_step, graphdef, tx, cfg))
+    graphdef, state = steps.create_train_state(model, steps.make_optimizer(cfg))
+    train_step = jax.jit(functools.partial(steps.train_step, graphdef, cfg),
+                         donate_argnums=0 if case.flax.donate else ())
+    values = jax.device_put(steps.schedule_values(cfg))  # the schedules' values: arguments of the step
     batch = random_batch(case)
-    compiled, compile_s = compile_timed(train_step, (state, batch), case.flax)
+    compiled, compile_s = compile_timed(train_step, (state, batch, values), case.flax)
     box = [state]
     host_batch = {k: np.asarray(v) for k, v in batch.items()}
 
     def run() -> None:
         if case.flax.host_round_trip:  # what a naive loop does: numpy in, loss out, every step
-            new_state, metrics = compiled(box[0], {k: jax.device_put(v) for k, v in host_batch.items()})
+            new_state, metrics = compiled(box[0], {k: jax.device_put(v) for k, v in host_batch.items()}, values)
             float(metrics["train_loss"])
         else:
-            new_state, _ = compiled(box[0], batch)
+            new_state, _ = compiled(box[0], batch, values)
         box[0] = jax.block_until_ready(new_state)
 
     return Workload(run, compile_s, str(jax.devices()[0]), device_peak_bytes)
