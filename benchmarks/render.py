@@ -174,7 +174,9 @@ def host_line(h: dict[str, Any]) -> str:
     """The host in words: GPU, CPU model, cores, memory, ISA extensions."""
     parts = [h["gpu"]] if h.get("gpu") else []
     if h.get("cpu"):
-        parts.append(h["cpu"])
+        numbers = (f" (family {h['cpu_family']}, model {h['cpu_model_number']})"
+                   if h.get("cpu_family") is not None and str(h.get("cpu_family")) not in h["cpu"] else "")
+        parts.append(h["cpu"] + numbers)
     if h.get("cores"):
         parts.append(f"{h['cores']} CPU cores")
     if h.get("memory_gib"):

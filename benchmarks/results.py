@@ -11,8 +11,9 @@ A file holds::
      "rows": [...], "note": "...", "raw": {...}}
 
 ``rows`` are what the tables show (medians and ratios, unrounded); ``raw`` keeps every sample. The tables in
-docs/performance.md are rendered from these files by ``python -m benchmarks.render``. Stdlib only: the
-pipeline's children import neither jax nor torch.
+docs/performance.md are rendered from these files by ``python -m benchmarks.render``. Imports only the stdlib at
+the top: the pipeline's children import neither jax nor torch (the host's CPU description, from
+``resnet_flax.cpu``, is imported when a result is recorded).
 """
 
 from __future__ import annotations
@@ -38,28 +39,23 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "grain", "pillow", "numpy")
 
 
+def _host_cpu() -> Any:
+    """resnet_flax.cpu's description of this CPU (imported here, not at the top: the pipeline's children, which
+    import this module, must not import jax, which the resnet_flax package does)."""
+    from resnet_flax import cpu
+
+    return cpu.host()
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _host_cpu().model
 
 
 def cpu_flags() -> list[str]:
     """The ISA extensions of :data:`ISA_FLAGS` this CPU reports (x86 ``flags``, Arm ``Features``)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            present = set(line.split(":", 1)[1].split())
-            return [f for f in ISA_FLAGS if f in present]
-    return []
+    flags = _host_cpu().flags
+    return [f for f in ISA_FLAGS if f in flags]
 
 
 def gpu_name() -> str | None:
@@ -79,7 +75,9 @@ def host() -> dict[str, Any]:
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         memory_gib = None
-    return {"cpu": cpu_model(), "isa": cpu_flags(), "cores": os.cpu_count(), "memory_gib": memory_gib,
+    c = _host_cpu()
+    return {"cpu": c.model, "cpu_family": c.family, "cpu_model_number": c.model_number, "isa": cpu_flags(),
+            "cores": os.cpu_count(), "memory_gib": memory_gib,
             "gpu": gpu_name(), "machine": platform.machine(), "os": platform.platform(terse=True),
             "python": platform.python_version()}
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from resnet_flax import cpu
+
 OFF = "off"
 MAX_BYTES = 4 * 2**30  # least recently used entries go beyond this
 
@@ -33,20 +35,8 @@ def default_dir() -> Path:
 
 def host_key() -> str:
     """A short name for this machine's CPU model and instruction set (what XLA:CPU compiles for)."""
-    model, flags = platform.processor(), ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() in ("flags", "Features"):
-                    flags = " ".join(sorted(value.split()))
-                if model and flags:
-                    break
-    except OSError:
-        pass
-    return hashlib.sha256(f"{platform.machine()}|{model}|{flags}".encode()).hexdigest()[:16]
+    host = cpu.host()
+    return hashlib.sha256(f"{platform.machine()}|{host.model}|{' '.join(sorted(host.flags))}".encode()).hexdigest()[:16]
 
 
 def enable(directory: str | Path | None) -> Path | None:
