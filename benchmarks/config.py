@@ -6,18 +6,14 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, cpu_form
+from resnet_flax.conv import CPU_EVAL_OPTIONS, CPU_TRAIN_OPTIONS, YNN_OFF, YNN_REDUCE_ONLY, cpu_form
 
 Mode = Literal["infer", "train"]
 Framework = Literal["flax", "torch"]
 
-# XLA:CPU (jaxlib 0.10) sends convolutions and reductions to YNNPACK by default. Its weight-gradient
-# convolutions are very slow (a 1x1 conv's weight gradient took 45-80x PyTorch's time here) and its forward
-# ones slower than XLA's Eigen path, which is close to PyTorch's oneDNN (docs/performance.md). Keeping only
-# reductions in YNNPACK gives Eigen convolutions and YNNPACK's faster BatchNorm reductions (training).
-YNN_REDUCE_ONLY: dict[str, Any] = CPU_TRAIN_OPTIONS  # what train.steps.jit_steps compiles with on CPU
-# Nothing in YNNPACK: Eigen convolutions and XLA's own reduction loops.
-YNN_OFF: dict[str, Any] = CPU_EVAL_OPTIONS
+# The levers name fixed XLA:CPU option sets (resnet_flax.conv): YNN_REDUCE_ONLY keeps YNNPACK for reductions only
+# (Eigen convolutions, YNNPACK's BatchNorm reductions), YNN_OFF uses none. "flax-fast" compiles with the
+# project's choice, CPU_TRAIN_OPTIONS / CPU_EVAL_OPTIONS (what python -m train and resnet_flax.inference_fn use).
 FAST_MATH: dict[str, Any] = {"xla_cpu_enable_fast_math": True}
 
 
@@ -67,8 +63,8 @@ class Case:
 
 # The Flax configurations compared in the main table: the plain model, and the fastest levers found here.
 FLAX_PLAIN = FlaxOptions()
-FLAX_FAST_INFER = FlaxOptions.with_options(YNN_OFF, fold_bn=True)
-FLAX_FAST_TRAIN = FlaxOptions.with_options(YNN_REDUCE_ONLY)
+FLAX_FAST_INFER = FlaxOptions.with_options(CPU_EVAL_OPTIONS, fold_bn=True)
+FLAX_FAST_TRAIN = FlaxOptions.with_options(CPU_TRAIN_OPTIONS)
 
 
 def fast_options(mode: Mode) -> FlaxOptions:
@@ -93,8 +89,8 @@ def conv_lever_applies(image_size: int) -> bool:
 
 
 # Each lever alone and stacked, for ``--levers``: name -> (modes it applies to, options). The training levers
-# after "ynn-reduce-only" (flax-fast's setting) are stacked on it, so their effect is read against it.
-_FAST_TRAIN_OPTIONS = dict(FLAX_FAST_TRAIN.cpu_compiler_options)
+# after "ynn-reduce-only" are stacked on it, so their effect is read against it.
+_FAST_TRAIN_OPTIONS = YNN_REDUCE_ONLY
 LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
     "plain": (("infer", "train"), FLAX_PLAIN),
     "fold-bn": (("infer",), FlaxOptions(fold_bn=True)),
@@ -102,7 +98,8 @@ LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
     "ynn-off": (("infer", "train"), FlaxOptions.with_options(YNN_OFF)),
     "ynn-off+fast-math": (("infer",), FlaxOptions.with_options({**YNN_OFF, **FAST_MATH})),
     "ynn-reduce-only": (("infer", "train"), FlaxOptions.with_options(YNN_REDUCE_ONLY)),
-    "ynn-off+fold-bn": (("infer",), FLAX_FAST_INFER),
+    "ynn-off+fold-bn": (("infer",), FlaxOptions.with_options(YNN_OFF, fold_bn=True)),
+    "ynn-reduce-only+fold-bn": (("infer",), FlaxOptions.with_options(YNN_REDUCE_ONLY, fold_bn=True)),
     "ynn-reduce-only+no-donation": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, donate=False)),
     "ynn-reduce-only+host-round-trip": (("train",),
                                         FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, host_round_trip=True)),

@@ -28,14 +28,20 @@ from jax import lax
 Form = Literal["xla", "matmul", "matmul_grads"]
 Policy = Literal["auto", "xla", "matmul", "matmul_grads"]
 
-# jaxlib 0.10's XLA:CPU sends convolutions (and reductions) to YNNPACK by default; its weight-gradient
-# convolutions are very slow and its forward ones slower than XLA's Eigen path on the machines measured
-# (`python -m benchmarks --levers`; docs/performance.md). Training keeps YNNPACK for the BatchNorm reductions
-# only; inference uses none.
-# Process-wide equivalents: XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce (training) or =
-# (inference). Other backends get no options.
-CPU_TRAIN_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-CPU_EVAL_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# The XLA:CPU option sets measured (`python -m benchmarks --levers`; docs/performance.md, "Compile options").
+# jaxlib 0.10's XLA:CPU sends convolutions and reductions to YNNPACK by default; YNN_REDUCE_ONLY keeps YNNPACK for
+# the reductions (BatchNorm statistics) and gives convolutions to XLA's Eigen path; YNN_OFF uses no YNNPACK.
+# Process-wide equivalents: XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce or =.
+YNN_REDUCE_ONLY: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+YNN_OFF: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+# What every CPU gets: the same choice won on both kinds of host measured. Training: YNNPACK for reductions only,
+# 1.92x plain on the AVX2 host (first-generation EPYC; resnet18 224 px b8) and 1.12-1.23x on the AVX-512 one
+# (EPYC family 25 model 17; resnet18 b64 at 32 and 64 px), where no YNNPACK was 0.94-1.14x. Inference: no
+# YNNPACK, 1.34x plain on the AVX2 host; on the AVX-512 host it and reductions-only were within the noise of a
+# shared 2-core machine of each other (1.0-1.5x plain, run to run). Other backends get no options.
+CPU_TRAIN_OPTIONS: dict[str, Any] = YNN_REDUCE_ONLY
+CPU_EVAL_OPTIONS: dict[str, Any] = YNN_OFF
 
 _policy: contextvars.ContextVar[Policy] = contextvars.ContextVar("resnet_flax_conv_policy", default="auto")
 
