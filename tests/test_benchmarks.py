@@ -221,3 +221,15 @@ def test_commands_write_result_files(tmp_path, monkeypatch):
     rec = json.loads((tmp_path / "pipeline-t.json").read_text())
     assert rec["rows"][0]["grain/torch"] == 1.5
     assert rec["command"].startswith("python -m benchmarks.pipeline --rounds 1")
+
+
+def test_flax_train_workloads_run_the_real_train_step():
+    """The Flax train workload compiles and calls train.steps' current train step (it measures nothing here)."""
+    import jax
+
+    from benchmarks import flax_work
+
+    work = flax_work.build(Case("plain", "flax", "resnet10t", "train", 2, image_size=32, flax=FlaxOptions()))
+    work.run()
+    work.run()  # the donated state came back and is accepted again
+    assert work.compile_s > 0 and work.device == str(jax.devices()[0])
