@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import nchw_to_nhwc, rel_err, torch_model_with_bn_state
+from conftest import nchw_to_nhwc, record_parity, rel_err, torch_model_with_bn_state
 from flax import nnx
 from test_parity import ACCURACY_SLACK, GRAD_GLOBAL_TOL, STATS_TOL, TRAIN_LOGITS_TOL, _torch_train_step
 
@@ -139,7 +139,8 @@ def test_train_step_equals_timms_with_the_same_masks(name, monkeypatch, request)
         "grads (worst tensor)": (worst(gj, g32, g32), worst(gj, g64, g64), worst(g32, g64, g64)),
         "running stats": (worst(sj, s32, s32), worst(sj, s64, s64), worst(s32, s64, s64)),
     }
-    request.node.user_properties.append(("drop_path_parity", checks))
+    record_parity(request, "drop-path", f"{name:18s} drop path train: " + "; ".join(
+        f"{k} {v[0]:.1e} (f64: ours {v[1]:.1e}, timm {v[2]:.1e})" for k, v in checks.items()))
     for k, (_, ours64, timm64) in checks.items():
         assert ours64 <= ACCURACY_SLACK * timm64 + 1e-6, (k, ours64, timm64)
     assert checks["logits"][0] <= TRAIN_LOGITS_TOL
