@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPLY_PREFIX = "@@bench "
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.pipeline import REPLY_PREFIX, run_child, write_jpegs
+
 SETTINGS: dict[str, dict[str, Any]] = {  # name -> train.augment.Augment's fields (None: no augmentation)
     "crop+flip": {},
     "ta_wide": {"policy": "ta_wide"},
@@ -56,17 +55,6 @@ def child(name: str, folder: str, workers: int, batch: int, size: int, epochs: i
     return {"setting": name, "workers": workers, "epoch_s": wall, "epoch_cpu_s": cpu, "epoch_images": images}
 
 
-def run_child(args: list[str]) -> dict[str, Any]:
-    """One ``--child`` process; its JSON reply or an error record."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.augment_cost", *args], cwd=ROOT, capture_output=True,
-                          text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(REPLY_PREFIX):
-            return json.loads(line[len(REPLY_PREFIX):])
-    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return {"error": f"rc={proc.returncode}: {tail[-1][:300] if tail else ''}"}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.augment_cost``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -82,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         name, folder, *numbers = args.child
         sys.stdout.write(REPLY_PREFIX + json.dumps(child(name, folder, *map(int, numbers))) + "\n")
         return 0
-    from benchmarks.pipeline import write_jpegs
-
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {(s, w): [] for s in SETTINGS for w in args.workers}
     with tempfile.TemporaryDirectory(prefix="bench-jpegs-") as tmp:
         write_jpegs(Path(tmp), args.images)
@@ -91,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             for w in args.workers:
                 for name in SETTINGS:
                     reply = run_child(["--child", name, tmp, str(w), str(args.batch), str(args.image_size),
-                                       str(args.epochs)])
+                                       str(args.epochs)], module="benchmarks.augment_cost")
                     samples[(name, w)].append(reply)
                     print(f"round {r + 1} workers {w} {name}: {reply.get('error') or reply['epoch_s']}",
                           file=sys.stderr, flush=True)

@@ -129,10 +129,9 @@ def child(impl: str, folder: str, workers: int, batch: int, size: int, epochs: i
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
-def run_child(args: list[str]) -> dict[str, Any]:
-    """One ``--child`` process (niced like the caller); its JSON reply or an error record."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", *args], cwd=ROOT, capture_output=True,
-                          text=True)
+def run_child(args: list[str], module: str = "benchmarks.pipeline") -> dict[str, Any]:
+    """One ``--child`` process of ``module`` (niced like the caller); its JSON reply or an error record."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(REPLY_PREFIX):
             return json.loads(line[len(REPLY_PREFIX):])
