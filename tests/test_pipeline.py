@@ -82,7 +82,8 @@ def test_run_data_is_make_loader_per_segment_from_one_iterator(tmp_path, monkeyp
     schedule = Schedule(2, 5).segments(Position(1, 0, 1))  # resumed at epoch 0, batch 1; 2 batches of 3 an epoch
     iterators = []
     real_iterate = grain_workers.iterate
-    monkeypatch.setattr(grain_workers, "iterate", lambda ds, n: iterators.append(n) or real_iterate(ds, n))
+    monkeypatch.setattr(grain_workers, "iterate",
+                        lambda ds, n, **kw: iterators.append(n) or real_iterate(ds, n, **kw))
     common = {"batch_size": 3, "image_size": 16, "seed": 4}
     run = RunData(splits, schedule, num_workers=num_workers, **common)
     got, want = [], []

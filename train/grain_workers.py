@@ -21,10 +21,15 @@ from resnet_flax.errors import first_line
 logger = logging.getLogger(__name__)
 
 
-def iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+def iterate(ds: grain.MapDataset, num_workers: int, start: bool = False) -> Batches:
     """The elements of ``ds`` in order, read by ``num_workers`` worker processes (threads in this process when 0);
-    the workers stop when the iteration ends or is abandoned."""
-    return _iterate(_to_iter(ds, num_workers))
+    the workers stop when the iteration ends or is abandoned. With ``start`` the reading begins now rather than at
+    the first ``next()``: the workers' start-up (each imports grain, which imports jax) overlaps whatever the
+    caller does meanwhile, such as building and compiling the model."""
+    batches = Batches(iter(_to_iter(ds, num_workers)))
+    if start:
+        batches.start()
+    return batches
 
 
 def _to_iter(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
@@ -90,16 +95,35 @@ def _mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
-    """Yield batches and close the grain iterator (and its worker processes) when done or abandoned."""
-    iterator = iter(ds)
-    try:
-        for batch in iterator:
-            yield _unlink_shared_memory(batch)
-    finally:
+class Batches(Iterator[dict[str, np.ndarray]]):
+    """A grain iterator's batches; its worker processes stop when it is exhausted, closed or collected."""
+
+    def __init__(self, iterator: grain.DatasetIterator) -> None:
+        self._iterator: grain.DatasetIterator | None = iterator
+
+    def start(self) -> None:
+        """Start the workers and their prefetching now (grain's ``start_prefetch``)."""
+        if self._iterator is not None:
+            self._iterator.start_prefetch()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            return _unlink_shared_memory(next(self._iterator))
+        except BaseException:  # the end, an error in a worker, Ctrl-C: the workers stop with it
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        iterator, self._iterator = self._iterator, None
         close = getattr(iterator, "close", None)
         if close is not None:
             try:
                 close()
             except Exception as e:
                 logger.debug("closing the grain iterator failed: %s", first_line(e))
+
+    def __del__(self) -> None:
+        self.close()

@@ -48,7 +48,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     total_steps = cfg.max_steps or cfg.epochs * spe
     optim = OptimConfig.for_run(cfg, total_steps, max(spe, 1))
 
-    # The model: the workdir's own when resuming, else fresh or --init-from; then state and compiled steps.
+    # Where the run starts: the workdir's checkpoint when resuming (its position read now, its weights below).
     ckpts = None if cfg.eval_only and cfg.init_from else Checkpoints(cfg.workdir, cfg.keep_checkpoints)
     resuming = ckpts is not None and ckpts.latest_step() is not None
     if cfg.resume and not resuming:
@@ -56,24 +56,17 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     changed = {}
     if resuming and not cfg.eval_only:  # evaluating may use another batch size; it changes nothing
         changed = check_same_run(cfg, splits.class_names)
-    model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
-    model_config = model.config
-    state, train_step, eval_step = build_steps(model, optim, replicated, batch_sharding)
-    del model
-    state = jax.device_put(state, replicated)
-
-    position = {"step": 0, "epoch": 0, "batch": 0}
+    position, restore_step = {"step": 0, "epoch": 0, "batch": 0}, None
     if resuming:
-        state, position = ckpts.restore(state, ckpts.best_step() if cfg.eval_only else ckpts.latest_step())
-        log(f"resumed from {cfg.workdir / 'checkpoints'} at step {position['step']} "
-            f"(epoch {position['epoch'] + 1}, batch {position['batch']})")
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(cfg.workdir, enabled=jax.process_index() == 0)
-    progress = data = None
+        restore_step = (ckpts.best_step() if cfg.eval_only else None) or ckpts.latest_step()
+        position = ckpts.read_meta(restore_step)
+    progress = data = metrics = None
     reader = {"batch_size": cfg.batch_size, "seed": cfg.seed, "num_workers": cfg.num_workers,
               "process_index": jax.process_index(), "process_count": jax.process_count()}
     watch = None if cfg.eval_only else PreemptionWatch()  # SIGTERM from here on: stop after a step, checkpointed
     try:
+        # The data first: one reader for every epoch and evaluation of the run, whose workers start now, read
+        # ahead across epoch ends, and start up while the model below is built and its steps compiled.
         if cfg.eval_only:
             crop, resize = cfg.val_crop_size or cfg.image_size, cfg.val_resize_size
             if cfg.init_from and (cfg.image_size, cfg.val_crop_size, cfg.val_resize_size) == (
@@ -85,6 +78,27 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 crop, resize = t.crop_size, t.resize_size
                 log(f"evaluating as the weights file records: resize {resize}, centre crop {crop}")
             data = RunData(splits, [Segment("val")], image_size=crop, resize_size=resize, **reader)
+        else:
+            schedule = Schedule(spe, total_steps, cfg.eval_every_epochs, cfg.checkpoint_every)
+            start = Position(int(position["step"]), int(position["epoch"]), int(position["batch"]))
+            data = RunData(splits, schedule.segments(start), image_size=cfg.image_size,
+                           augment=Augment.for_run(cfg), resize_size=cfg.val_resize_size,
+                           val_image_size=cfg.val_crop_size, ra_reps=cfg.ra_reps, num_replicas=replicas, **reader)
+
+        # The model: the workdir's own when resuming, else fresh or --init-from; then state and compiled steps.
+        model = recorded_model(cfg) if resuming else initial_model(cfg, splits.num_classes)
+        model_config = model.config
+        state, train_step, eval_step = build_steps(model, optim, replicated, batch_sharding)
+        del model
+        state = jax.device_put(state, replicated)
+        if resuming:
+            state, _ = ckpts.restore(state, restore_step)
+            log(f"resumed from {cfg.workdir / 'checkpoints'} at step {position['step']} "
+                f"(epoch {position['epoch'] + 1}, batch {position['batch']})")
+        cfg.workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no workdir
+        metrics = MetricsLog(cfg.workdir, enabled=jax.process_index() == 0)
+
+        if cfg.eval_only:
             result = evaluate(eval_step, state, data.val(), batch_sharding)
             metrics.write({"step": int(position["step"]), "epoch": int(position["epoch"]), **result})
             log(format_eval(result))
@@ -106,14 +120,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         # The loop: the schedule's stretches of steps (to each epoch end and the last step); metrics every
         # --log-every steps, checkpoints every --checkpoint-every steps and after each stretch, evaluations
         # where the schedule puts them (every --eval-every-epochs epochs and at the end).
-        schedule = Schedule(spe, total_steps, cfg.eval_every_epochs, cfg.checkpoint_every)
-        start = Position(int(position["step"]), int(position["epoch"]), int(position["batch"]))
         step, skipped = start.step, int(position.get("skipped_images", 0))
         last_eval: dict[str, float] = dict(position.get("metrics") or {})
-        # One reader for every epoch and evaluation of the same schedule: its workers start once and read ahead.
-        data = RunData(splits, schedule.segments(start), image_size=cfg.image_size, augment=Augment.for_run(cfg),
-                       resize_size=cfg.val_resize_size, val_image_size=cfg.val_crop_size, ra_reps=cfg.ra_reps,
-                       num_replicas=replicas, **reader)
         progress = Progress(total_steps, step, enabled=cfg.progress)
         train_log = TrainLog(metrics, progress, cfg.batch_size, step)
         for stretch in schedule.stretches(start):
@@ -165,11 +173,12 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             data.close()
         if progress is not None:
             progress.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         if ckpts is not None:
             ckpts.wait()
             ckpts.close()
-        if jax.process_index() == 0 and not cfg.eval_only:
+        if metrics is not None and jax.process_index() == 0 and not cfg.eval_only:
             try:
                 plot_curves(cfg.workdir / "metrics.jsonl", cfg.workdir / "curves.png")
             except OSError as e:  # a full or read-only disk: the run's own outcome is what gets reported

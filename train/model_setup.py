@@ -18,9 +18,7 @@ def initial_model(cfg: TrainConfig, num_classes: int) -> ResNet:
     ``--drop-path-rate``'s stochastic depth."""
     dtype = COMPUTE_DTYPES[cfg.dtype]
     if cfg.init_from is None:
-        return resnet_flax.create_model(cfg.resolved_arch, num_classes=num_classes, dtype=dtype,
-                                        zero_init_residual=cfg.zero_init_residual,
-                                        drop_path_rate=cfg.drop_path_rate, seed=cfg.seed)
+        return _fresh(resnet_flax.arch_config(cfg.resolved_arch, num_classes=num_classes), cfg)
     from resnet_flax.loading import describe, load_model
 
     with local_copy(cfg.init_from) as path:
@@ -36,5 +34,12 @@ def initial_model(cfg: TrainConfig, num_classes: int) -> ResNet:
 
 def recorded_model(cfg: TrainConfig) -> ResNet:
     """The structure recorded in the workdir's run.json (its weights come from the checkpoint)."""
-    config = ResNetConfig.from_dict(read_run_file(cfg.workdir)["model"])
-    return ResNet(config, drop_path_rate=cfg.drop_path_rate, dtype=COMPUTE_DTYPES[cfg.dtype], rngs=nnx.Rngs(cfg.seed))
+    return _fresh(ResNetConfig.from_dict(read_run_file(cfg.workdir)["model"]), cfg)
+
+
+def _fresh(config: ResNetConfig, cfg: TrainConfig) -> ResNet:
+    """A new ``config`` model, initialised by one compiled program as the Flax examples do (op by op, each
+    initialiser of each shape is a program of its own: about a hundred to compile, or load from the cache, before
+    the first step). A run and its resume build the same program, so a resume compiles nothing new."""
+    return nnx.jit(lambda: ResNet(config, zero_init_residual=cfg.zero_init_residual, drop_path_rate=cfg.drop_path_rate,
+                                  dtype=COMPUTE_DTYPES[cfg.dtype], rngs=nnx.Rngs(cfg.seed)))()

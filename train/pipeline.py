@@ -334,7 +334,10 @@ class RunData:
             self._pending.append((seg, len(part)))
             parts.append(part)
         parts = [p for p in parts if len(p)]
-        self._iterator = grain_workers.iterate(grain.MapDataset.concatenate(parts), num_workers) if parts else iter(())
+        # Worker processes start now and read ahead while the caller builds and compiles the model; in-process
+        # threads would only contend with that for the interpreter, so they start at the first batch.
+        self._iterator = (grain_workers.iterate(grain.MapDataset.concatenate(parts), num_workers,
+                                                start=num_workers > 0) if parts else iter(()))
         self._next = 0
 
     def train(self, epoch: int, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
