@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import stat
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ def default_dir() -> Path:
 def host_key() -> str:
     """A short name for this machine's CPU model and instruction set (what XLA:CPU compiles for)."""
     host = cpu.host()
-    return hashlib.sha256(f"{platform.machine()}|{host.model}|{' '.join(sorted(host.flags))}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{host.machine}|{host.model}|{' '.join(sorted(host.flags))}".encode()).hexdigest()[:16]
 
 
 def enable(directory: str | Path | None) -> Path | None:
