@@ -60,10 +60,13 @@ def _redeliver_interrupts(hook=sys.unraisablehook) -> None:
     """A Ctrl-C that lands in a garbage-collection callback would be printed and swallowed, and the run would go
     on: deliver it to the main thread again instead."""
     import _thread
+    import threading
 
     def unraisable(u) -> None:
         if isinstance(u.exc_value, KeyboardInterrupt):
-            _thread.interrupt_main()
+            # Not interrupt_main() from here: on the main thread it raises inside this hook, whose exceptions
+            # Python ignores as well. A timer thread asks for it once the hook has returned.
+            threading.Timer(0.05, _thread.interrupt_main).start()
         else:
             hook(u)
 
