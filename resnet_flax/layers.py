@@ -89,7 +89,8 @@ class BatchNorm(nnx.Module):
     Train mode normalises with the biased batch variance (two-pass, as PyTorch) and updates
     ``mean``/``var`` with momentum 0.1 in PyTorch's convention, storing the *unbiased* variance
     in ``var`` exactly as PyTorch's ``running_var``. ``nnx.Module.eval()``/``train()`` switch modes.
-    Statistics are computed in float32 whatever the compute dtype. Under ``jit`` with a sharded
+    Statistics are computed in float32 whatever the compute dtype: in two passes for float32 inputs, as PyTorch,
+    and in one for bf16/f16 inputs (see below). Under ``jit`` with a sharded
     batch the reductions are over the global batch (sync BatchNorm) with no extra code. A ``mask``
     keeps placeholder examples (unreadable images) out of the statistics and the unbiased count.
     """
@@ -128,23 +129,27 @@ class BatchNorm(nnx.Module):
         else:
             axes = tuple(range(x.ndim - 1))
             if mask is None:
-                mean = jnp.mean(xf, axis=axes)
-                var = jnp.mean(jnp.square(xf - mean), axis=axes)
                 n = x.size // x.shape[-1]
-                unbiased = var * (n / max(n - 1, 1))
-            else:  # the same two passes over the kept examples only; the others are zeroed, whatever they hold
+            else:  # the examples with mask 0 are zeroed, whatever they hold, and left out of the count
                 keep = jnp.reshape(mask > 0, (-1,) + (1,) * (x.ndim - 1))
                 n = jnp.sum(mask > 0).astype(jnp.float32) * (x.size // x.shape[0] // x.shape[-1])
-                kept = jnp.where(keep, xf, 0.0)
-                mean = jnp.sum(kept, axis=axes) / jnp.maximum(n, 1.0)
-                var = jnp.sum(jnp.where(keep, jnp.square(kept - mean), 0.0), axis=axes) / jnp.maximum(n, 1.0)
-                unbiased = var * (n / jnp.maximum(n - 1.0, 1.0))
+                xf = jnp.where(keep, xf, 0.0)
+            mean = jnp.sum(xf, axis=axes) / jnp.maximum(n, 1.0)
+            if jnp.dtype(x.dtype).itemsize < 4:
+                # One pass, E[x^2] - E[x]^2 in float32: its cancellation error (about 2^-24 mean^2/var) stays far
+                # under what rounding the inputs to 16 bits did to the variance (about 2^-18 mean^2/var), and it
+                # reads the activations once instead of twice, which on a GPU is most of BatchNorm's cost.
+                var = jnp.maximum(jnp.sum(jnp.square(xf), axis=axes) / jnp.maximum(n, 1.0) - jnp.square(mean), 0.0)
+            else:  # two passes, as PyTorch, for float32 inputs
+                centred = xf - mean if mask is None else jnp.where(keep, xf - mean, 0.0)
+                var = jnp.sum(jnp.square(centred), axis=axes) / jnp.maximum(n, 1.0)
+            unbiased = var * (n / max(n - 1, 1) if mask is None else n / jnp.maximum(n - 1.0, 1.0))
             m = self.momentum
             self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
             self.var[...] = (1.0 - m) * self.var[...] + m * unbiased
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
         mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
-        y = xf * mul + (self.bias[...] - mean * mul)
+        y = x.astype(jnp.float32) * mul + (self.bias[...] - mean * mul)
         return y.astype(self.dtype)
 
 

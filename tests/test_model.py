@@ -123,6 +123,26 @@ def test_batchnorm_matches_torch(shape):
     np.testing.assert_allclose(np.asarray(fb(jnp.asarray(x))), ref, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 4.0, 16.0, 64.0])
+def test_bfloat16_batch_statistics_err_less_than_the_inputs_rounding(offset):
+    """bf16 inputs get one-pass statistics (E[x^2] - E[x]^2 in float32). Its cancellation error grows as
+    (mean/std)^2 * 2^-24; the inputs' own rounding to bf16 already moves the variance by about
+    (mean/std)^2 * 2^-18 / 3, so the one-pass error must stay well under what rounding did, at any offset."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 16, 16, 32)) + offset).astype(np.float32)
+    mask = np.array([1, 1, 1, 0, 1, 1, 0, 1], np.float32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    bn = BatchNorm(32, momentum=1.0, dtype=jnp.bfloat16)  # momentum 1: the running stats are this batch's
+    bn(xb, jnp.asarray(mask))
+    kept, kept_rounded = x[mask > 0].astype(np.float64), np.asarray(xb, np.float64)[mask > 0]
+    var = kept_rounded.var(axis=(0, 1, 2), ddof=1)
+    rounding = np.abs(kept.var(axis=(0, 1, 2), ddof=1) - var) / var
+    err = np.abs(np.asarray(bn.var[...]) - var) / var
+    assert np.median(err) < np.median(rounding) / 4 + 4 * np.finfo(np.float32).eps
+    std = np.sqrt(var)
+    assert np.max(np.abs(np.asarray(bn.mean[...]) - kept_rounded.mean(axis=(0, 1, 2))) / std) < 1e-6 * (1 + offset)
+
+
 def test_train_and_eval_modes_switch_batchnorm():
     m = resnet_flax.resnet18(num_classes=4)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
