@@ -4,6 +4,10 @@ What a user would write: ImageFolder, DataLoader, torchvision's resnet18, SGD wi
 linear warm-up then cosine decay per step, weight decay on conv/linear weights only (the trainer's recipe),
 RandomResizedCrop + flip for training, Resize + CenterCrop for validation, evaluated every epoch.
 ``python benchmarks/digits_torch.py DIR --epochs 20`` (DIR holds train/ and val/ class folders).
+
+``--in-memory`` is the other script a user writes for a small dataset: every image decoded once into one uint8
+tensor, the same transforms applied to tensors in the training process, no loader workers (which on a small
+machine compete with torch's own threads for the cores).
 """
 
 import argparse
@@ -17,6 +21,47 @@ from torchvision import transforms as T
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class Batches:
+    """Batches of (images, labels) drawn from uint8 tensors each epoch, per-image ``transform`` applied (if any)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, transform=None,
+                 shuffle: bool = False, drop_last: bool = False):
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.transform, self.shuffle, self.drop_last = transform, shuffle, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels)) if self.shuffle else torch.arange(len(self.labels))
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        for i in range(len(self)):
+            index = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[index]
+            if self.transform is not None:
+                x = torch.stack([self.transform(img) for img in x])
+            yield (x.float() / 255.0 - mean) / std, self.labels[index]
+
+
+def in_memory(root: str, batch_size: int, size: int):
+    """(train set, its batches, val set, its batches) decoded once into uint8 tensors; val pre-transformed."""
+    from torchvision.transforms import v2
+
+    def load(split: str, transform=None):
+        folder = datasets.ImageFolder(f"{root}/{split}")
+        images = [v2.functional.pil_to_tensor(folder.loader(path)) for path, _ in folder.samples]
+        if transform is not None:
+            images = [transform(img) for img in images]
+        return folder, torch.stack(images), torch.tensor(folder.targets)
+
+    train, train_x, train_y = load("train")
+    val, val_x, val_y = load("val", v2.Compose([v2.Resize(size * 256 // 224), v2.CenterCrop(size)]))
+    augment = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()])
+    return (train, Batches(train_x, train_y, batch_size, augment, shuffle=True, drop_last=True),
+            val, Batches(val_x, val_y, batch_size))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("data")
@@ -27,16 +72,20 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--in-memory", action="store_true", help="decode once, transform tensors, no loader workers")
     args = p.parse_args()
     size = args.image_size
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     val_tf = T.Compose([T.Resize(size * 256 // 224), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-    train = datasets.ImageFolder(f"{args.data}/train", train_tf)
-    val = datasets.ImageFolder(f"{args.data}/val", val_tf)
-    loader = torch.utils.data.DataLoader(train, args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
-    val_loader = torch.utils.data.DataLoader(val, args.batch_size, num_workers=args.num_workers,
-                                             persistent_workers=args.num_workers > 0)
+    if args.in_memory:
+        train, loader, val, val_loader = in_memory(args.data, args.batch_size, size)
+    else:
+        train = datasets.ImageFolder(f"{args.data}/train", train_tf)
+        val = datasets.ImageFolder(f"{args.data}/val", val_tf)
+        loader = torch.utils.data.DataLoader(train, args.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+        val_loader = torch.utils.data.DataLoader(val, args.batch_size, num_workers=args.num_workers,
+                                                 persistent_workers=args.num_workers > 0)
     torch.manual_seed(0)
     model = models.resnet18(num_classes=len(train.classes))
     decay = [q for q in model.parameters() if q.ndim > 1]

@@ -2,11 +2,12 @@
 
 ``python -m benchmarks.end_to_end`` writes scikit-learn's digits (1,797 8x8 images, upscaled to 32 px) as a
 PNG folder with train/ and val/ class folders (stratified 80/20, seeded), then runs, taking turns
-(``--rounds``), ``benchmarks/digits_torch.py`` and ``python -m train --arch resnet18`` with the same recipe:
+(``--rounds``), ``benchmarks/digits_torch.py`` in its two forms (DataLoader workers; decoded images in memory,
+one process) and ``python -m train --arch resnet18`` with the same recipe:
 batch 64, SGD (Nesterov momentum 0.9, lr 0.1, 20 warm-up steps then cosine, weight decay 5e-4 on kernels),
 no label smoothing, RandomResizedCrop + flip, 2 loader workers, evaluated every epoch. Each command's wall
 time is measured from its start to its exit (start-up, compilation, checkpoints and evaluations included);
-the final validation top-1 of each is read from its output. Needs ``pip install -e ".[bench]"``.
+the final validation top-1 of each is read from its output. The faster PyTorch script is the baseline. Needs ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from benchmarks import results
 REPLY_PREFIX = "@@bench "
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = {"batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "warmup_steps": 20, "image_size": 32}
+TORCH_IMPLS = ("torch", "torch-in-memory")  # digits_torch.py with DataLoader workers; with --in-memory
 
 
 def write_digits(root: Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> tuple[int, int]:
@@ -52,13 +54,13 @@ def write_digits(root: Path, size: int = 32, val_fraction: float = 0.2, seed: in
     return counts[0], counts[1]
 
 
-def torch_command(data: Path, epochs: int, workers: int) -> list[str]:
-    """The plain PyTorch script's command line."""
+def torch_command(data: Path, epochs: int, workers: int, in_memory: bool = False) -> list[str]:
+    """The plain PyTorch script's command line: DataLoader workers, or (``in_memory``) none."""
     r = RECIPE
     return [sys.executable, str(ROOT / "benchmarks" / "digits_torch.py"), str(data), "--epochs", str(epochs),
             "--batch-size", str(r["batch_size"]), "--image-size", str(r["image_size"]), "--lr", str(r["lr"]),
             "--weight-decay", str(r["weight_decay"]), "--warmup-steps", str(r["warmup_steps"]),
-            "--num-workers", str(workers)]
+            *(["--in-memory"] if in_memory else ["--num-workers", str(workers)])]
 
 
 def train_command(data: Path, epochs: int, workers: int, workdir: Path) -> list[str]:
@@ -97,14 +99,15 @@ def train_result(proc: subprocess.CompletedProcess, workdir: Path) -> dict[str, 
 
 
 def run(epochs: int, rounds: int, workers: int, log: Any = None) -> dict[str, Any]:
-    """Write the digits, then alternate the two commands ``rounds`` times."""
-    samples: dict[str, list[dict[str, Any]]] = {"torch": [], "flax": []}
+    """Write the digits, then take turns with the three commands ``rounds`` times."""
+    samples: dict[str, list[dict[str, Any]]] = {"torch": [], "torch-in-memory": [], "flax": []}
     with tempfile.TemporaryDirectory(prefix="bench-digits-") as tmp:
         data = Path(tmp) / "digits"
         n_train, n_val = write_digits(data)
         for r in range(rounds):
-            wall, proc = timed(torch_command(data, epochs, workers))
-            samples["torch"].append({"wall_s": wall, **torch_result(proc)})
+            for impl in TORCH_IMPLS:
+                wall, proc = timed(torch_command(data, epochs, workers, in_memory=impl == "torch-in-memory"))
+                samples[impl].append({"wall_s": wall, **torch_result(proc)})
             workdir = Path(tmp) / f"workdir{r}"
             wall, proc = timed(train_command(data, epochs, workers, workdir))
             samples["flax"].append({"wall_s": wall, **train_result(proc, workdir)})
@@ -121,6 +124,7 @@ def run(epochs: int, rounds: int, workers: int, log: Any = None) -> dict[str, An
     return {"dataset": "sklearn digits, 32 px PNG", "train_images": n_train, "val_images": n_val, "epochs": epochs,
             "rounds": rounds, "num_workers": workers, "recipe": RECIPE, "summary": summary, "samples": samples,
             "commands": {"torch": " ".join(torch_command(Path("DIGITS"), epochs, workers)[1:]),
+                         "torch-in-memory": " ".join(torch_command(Path("DIGITS"), epochs, workers, True)[1:]),
                          "flax": " ".join(train_command(Path("DIGITS"), epochs, workers, Path("WORKDIR"))[1:])}}
 
 
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.epochs, args.rounds, args.num_workers, log=lambda m: print(m, file=sys.stderr, flush=True))
     measured = (f"resnet18 on scikit-learn's digits as {report['train_images']} + {report['val_images']} PNGs at "
                 f"{RECIPE['image_size']} px, {args.epochs} epochs, batch {RECIPE['batch_size']}, SGD, "
-                f"{args.num_workers} loader workers, evaluated every epoch; wall time of each whole command, "
+                f"{args.num_workers} loader workers (none for the in-memory script), evaluated every epoch; wall time "
+                f"of each whole command, against the faster PyTorch script, "
                 f"median of {args.rounds} round(s), taking turns")
     results.save(args, results.record("end-to-end", results.command_line("benchmarks.end_to_end", argv or sys.argv[1:]),
                                       results.end_to_end_rows(report), settings={"measured": measured}, raw=report))

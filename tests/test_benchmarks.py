@@ -105,6 +105,13 @@ def test_pipeline_and_end_to_end_tables():
     header, rows = end_to_end_rows({"summary": {"torch": {"wall_s": 86.0, "val_top1": 97.8},
                                                 "flax": {"wall_s": 43.0, "val_top1": 98.3}}})
     assert [r[3] for r in rows] == ["1.00", "2.00"] and rows[1][2] == "98.30"
+    summary = {"torch": {"wall_s": 172.0, "val_top1": 97.8}, "torch-in-memory": {"wall_s": 86.0, "val_top1": 97.5},
+               "flax": {"wall_s": 129.0, "val_top1": 98.3}}
+    header, rows = end_to_end_rows({"summary": summary})  # the faster PyTorch script is the baseline
+    assert [r[3] for r in rows] == ["0.50", "1.00", "0.67"]
+    from benchmarks.results import end_to_end_rows as result_rows
+    assert [r["impl"] for r in result_rows({"summary": summary})] == ["torch", "torch-in-memory", "flax"]
+    assert [round(r["torch_wall_over_this"], 2) for r in result_rows({"summary": summary})] == [0.5, 1.0, 0.67]
 
 
 def test_tpu_table_renders_the_committed_compiles_and_labels_what_was_not_measured():
