@@ -35,6 +35,7 @@ needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU and not os.environ.get("CI"),
                                   reason="libtpu not installed: pip install -e '.[tpu]'")
 ARCH, IMAGE_SIZE = "resnet10t", "32"
 BATCHNORMS = 14  # 3 in the deep stem, 2 per basic block x 4, 3 in the downsampling shortcuts
+SHORTCUT_BATCHNORMS = 3
 # (topology, devices, hosts, global batch): 16 images a device, so the optimizer's per-parameter FLOPs stay small
 CASES = {"one host": ("v5e:2x2", 4, 1, 64), "four hosts": ("v5e:4x4", 16, 4, 256)}
 
@@ -124,8 +125,10 @@ def test_compiled_step_is_what_the_design_intends(reports, case):
     assert set(coll) == {"all-reduce"}, coll  # no all-gather of activations or parameters, no resharding
     ar = coll["all-reduce"]
     assert ar["groups"] == [devices]  # every reduction is over the whole data axis
-    assert ar["forward"] >= BATCHNORMS  # each BatchNorm's batch statistics (mean, then variance)
-    assert ar["backward"] >= BATCHNORMS  # each BatchNorm's gradient sums
+    # each BatchNorm's batch statistics (bf16: sum and sum of squares in one all-reduce) and gradient sums; XLA may
+    # put a shortcut's BatchNorm and its block's second, which do not depend on each other, in one
+    assert ar["forward"] >= BATCHNORMS - SHORTCUT_BATCHNORMS
+    assert ar["backward"] >= BATCHNORMS - SHORTCUT_BATCHNORMS
     assert ar["bytes"] >= 2 * report["params"]  # and every parameter's gradient (at least in bfloat16)
     assert report["eval_collectives"]["all-reduce"]["count"] == 1  # eval: only the metric sums
 
