@@ -166,10 +166,18 @@ def parity_train_table(rows: Sequence[dict[str, Any]]) -> str:
                  [[_arch(r["arch"]), *(cell(r[k]) for k in keys)] for r in rows])
 
 
+def first_step_table(rows: Sequence[dict[str, Any]]) -> str:
+    """``python -m benchmarks.first_step``: seconds from ``python -m train``'s start to its first finished step."""
+    out = [[("cold (empty folder)" if r["cache"] == "cold" else "warm"),
+            f"{r['workers']}" + (" (the default)" if r["workers"] == 2 else ""),
+            ", ".join(f"{s:.2f}" for s in r["seconds"]), f"**{r['median_s']:.1f}**"] for r in rows]
+    return table(["compilation cache", "loader workers", "first step finished s (each run)", "median s"], out)
+
+
 TABLES: dict[str, Callable[[Sequence[dict[str, Any]]], str]] = {
     "sweep": models_table, "models": models_table, "levers": levers_table, "pipeline": pipeline_table,
     "end-to-end": end_to_end_table, "converter": converter_table, "parity-eval": parity_eval_table,
-    "parity-train": parity_train_table}
+    "parity-train": parity_train_table, "first-step": first_step_table}
 
 
 def host_line(h: dict[str, Any]) -> str:

@@ -1,8 +1,8 @@
 """Result files: what each benchmark command measured, as JSON under ``benchmarks/results/``, with its host.
 
 Every benchmark command (``python -m benchmarks``, ``python -m benchmarks.pipeline``, ``.end_to_end``,
-``.converter``) writes one file per table it prints: ``benchmarks/results/KIND-TAG.json``, where KIND is
-``sweep``, ``models``, ``levers``, ``pipeline``, ``end-to-end`` or ``converter`` and TAG names the host
+``.converter``, ``.first_step``) writes one file per table it prints: ``benchmarks/results/KIND-TAG.json``, where
+KIND is ``sweep``, ``models``, ``levers``, ``pipeline``, ``end-to-end``, ``converter`` or ``first-step`` and TAG names the host
 (``--results-tag``; default from the CPU model, its widest vector ISA and the core count, or the GPU's name).
 A file holds::
 
@@ -32,7 +32,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-KINDS = ("sweep", "models", "levers", "pipeline", "end-to-end", "converter", "parity-eval", "parity-train")
+KINDS = ("sweep", "models", "levers", "pipeline", "end-to-end", "converter", "parity-eval", "parity-train",
+         "first-step")
 # CPU features that decide which kernels torch (oneDNN) and XLA:CPU can use, in /proc/cpuinfo's spelling.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
@@ -94,13 +95,17 @@ def versions(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
 
 
 def host_tag(h: dict[str, Any]) -> str:
-    """A file-name tag for a host: the GPU's name, else CPU model + widest vector ISA + cores."""
+    """A file-name tag for a host: the GPU's name, else CPU model + widest vector ISA + cores. A model name with no
+    number in it ("AMD EPYC" names every generation) gets the x86 family and model numbers (``f26m2``)."""
     if h.get("gpu"):
         words = h["gpu"]
     else:
         isa = h.get("isa") or []
         widest = next((f for f in ("amx_tile", "avx512f", "avx2", "sve", "asimd") if f in isa), "")
-        words = f"{h.get('cpu', 'cpu')} {widest.replace('_tile', '').replace('512f', '512')} {h.get('cores')}c"
+        cpu = h.get("cpu", "cpu")
+        if h.get("cpu_family") is not None and not re.search(r"\d", cpu):
+            cpu += f" f{h['cpu_family']}m{h.get('cpu_model_number')}"
+        words = f"{cpu} {widest.replace('_tile', '').replace('512f', '512')} {h.get('cores')}c"
     return re.sub(r"[^a-z0-9]+", "-", words.lower()).strip("-")
 
 

@@ -170,6 +170,8 @@ def test_host_tags_name_the_isa():
     assert host_tag({"cpu": "Intel(R) Xeon(R) Platinum 8480+", "isa": ["avx2", "avx512f", "amx_tile"],
                      "cores": 8}) == "intel-r-xeon-r-platinum-8480-amx-8c"
     assert host_tag({"gpu": "NVIDIA H200", "cpu": "x", "cores": 16}) == "nvidia-h200"
+    zen5 = {"cpu": "AMD EPYC", "cpu_family": 26, "cpu_model_number": 2, "isa": ["avx2", "avx512f"], "cores": 2}
+    assert host_tag(zen5) == "amd-epyc-f26m2-avx512-2c"  # a name without a number gets the family and model
 
 
 def test_committed_results_name_their_host_and_command():
@@ -240,3 +242,16 @@ def test_flax_train_workloads_run_the_real_train_step():
     work.run()
     work.run()  # the donated state came back and is accepted again
     assert work.compile_s > 0 and work.device == str(jax.devices()[0])
+
+
+def test_first_step_rows_and_table():
+    from benchmarks.first_step import rows
+    from benchmarks.render import TABLES
+
+    report = {"command": "python -m train ...", "samples": {"cold/2": [24.5, 22.5], "warm/2": [8.33, 8.17, 8.42],
+                                                            "warm/0": [6.82, 6.52]}}
+    got = rows(report)
+    assert [(r["cache"], r["workers"], r["median_s"]) for r in got] == [("cold", 2, 23.5), ("warm", 2, 8.33),
+                                                                        ("warm", 0, 6.67)]
+    text = TABLES["first-step"](got)
+    assert "| warm | 2 (the default) | 8.33, 8.17, 8.42 | **8.3** |" in text and "cold (empty folder)" in text

@@ -47,4 +47,4 @@ def test_compile_cache_folder_and_result_files_name_the_cpu(monkeypatch):
     assert (host["cpu"], host["cpu_family"], host["cpu_model_number"]) == ("AMD EPYC", 23, 1)
     assert host["isa"] == ["sse4_2", "avx", "avx2", "fma"]
     assert render.host_line(host).startswith("AMD EPYC (family 23, model 1), ")
-    assert results.host_tag({**host, "cores": 2}) == "amd-epyc-avx2-2c"
+    assert results.host_tag({**host, "cores": 2}) == "amd-epyc-f23m1-avx2-2c"  # "AMD EPYC" names every generation
