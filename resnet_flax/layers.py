@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -81,6 +82,51 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype = jnp.float32, r
         bias_init=bias_init,
         rngs=rngs,
     )
+
+
+def _window_slices(xp: jax.Array, window: int, stride: int, out_hw: tuple[int, int]) -> list[jax.Array]:
+    """The ``window`` x ``window`` strided views of padded NHWC ``xp``, each the pooled map's size, in scan order."""
+    n, _, _, c = xp.shape
+    ho, wo = out_hw
+    return [jax.lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                          (1, stride, stride, 1)) for i in range(window) for j in range(window)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
+    """``torch.nn.MaxPool2d(window, stride, padding)`` on NHWC ``x``, padded with -inf.
+
+    The gradient goes to the first maximum of each window in scan order, as PyTorch's does. It is computed from
+    strided views of the input (elementwise work a compiler fuses) rather than by XLA's select-and-scatter, which
+    on a CPU costs several times the rest of the pooling (resnet18 at 64 px, batch 64: 75 ms against 11).
+    """
+    return _max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    y = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1),
+                              (1, stride, stride, 1), pad)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, g):
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    grad = jnp.zeros(xp.shape, g.dtype)
+    views = _window_slices(xp, window, stride, y.shape[1:3])
+    for k, view in enumerate(views):
+        first = (view == y) & ~taken  # this view holds the window's maximum, and no earlier one did
+        taken = taken | first
+        i, j = divmod(k, window)
+        high_h, high_w = xp.shape[1] - i - stride * (y.shape[1] - 1) - 1, xp.shape[2] - j - stride * (y.shape[2] - 1) - 1
+        grad = grad + jax.lax.pad(jnp.where(first, g, 0), jnp.array(0, g.dtype),
+                                  ((0, 0, 0), (i, high_h, stride - 1), (j, high_w, stride - 1), (0, 0, 0)))
+    return (grad[:, padding:xp.shape[1] - padding, padding:xp.shape[2] - padding, :],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class BatchNorm(nnx.Module):

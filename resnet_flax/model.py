@@ -10,7 +10,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resnet_flax.layers import BatchNorm, DropPath, Dtype, conv, conv1x1, conv3x3, kaiming_normal_fan_out, linear
+from resnet_flax.layers import (
+    BatchNorm,
+    DropPath,
+    Dtype,
+    conv,
+    conv1x1,
+    conv3x3,
+    kaiming_normal_fan_out,
+    linear,
+    max_pool,
+)
 
 BlockName = Literal["basic", "bottleneck"]
 StemType = Literal["", "deep", "deep_tiered"]
@@ -313,7 +323,7 @@ class ResNet(nnx.Module):
         x = x.astype(self.dtype)
         x = self.conv1(x, mask) if isinstance(self.conv1, Sequential) else self.conv1(x)
         x = jax.nn.relu(self.bn1(x, mask))
-        return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return max_pool(x, 3, 2, 1)
 
     def stages(self, x: jax.Array, mask: jax.Array | None = None, rngs: nnx.Rngs | None = None
                ) -> dict[str, jax.Array]:

@@ -143,6 +143,27 @@ def test_bfloat16_batch_statistics_err_less_than_the_inputs_rounding(offset):
     assert np.max(np.abs(np.asarray(bn.mean[...]) - kept_rounded.mean(axis=(0, 1, 2))) / std) < 1e-6 * (1 + offset)
 
 
+@pytest.mark.parametrize("size", [7, 16, 31])
+def test_max_pool_and_its_gradient_are_torchs_ties_included(size):
+    """MaxPool2d(3, 2, padding=1): values, and the gradient routed to each window's first maximum, as PyTorch does.
+    Small integers make ties everywhere (as ReLU's zeros do); the reference is PyTorch in float64, and the only
+    difference allowed is float32 rounding of the sums where windows overlap (at most 4 per input)."""
+    from resnet_flax.layers import max_pool
+
+    rng = np.random.default_rng(size)
+    x = rng.integers(0, 3, (2, size, size, 5)).astype(np.float32)
+    y = max_pool(jnp.asarray(x), 3, 2, 1)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    gx = jax.vjp(lambda v: max_pool(v, 3, 2, 1), jnp.asarray(x))[1](jnp.asarray(g))[0]
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64)).requires_grad_()
+    yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).astype(np.float64)))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    ref = xt.grad.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(gx), ref, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(g).max())
+    assert np.count_nonzero(np.asarray(gx)) == np.count_nonzero(ref)  # the same inputs receive gradient
+
+
 def test_train_and_eval_modes_switch_batchnorm():
     m = resnet_flax.resnet18(num_classes=4)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
