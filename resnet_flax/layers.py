@@ -84,14 +84,6 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype = jnp.float32, r
     )
 
 
-def _window_slices(xp: jax.Array, window: int, stride: int, out_hw: tuple[int, int]) -> list[jax.Array]:
-    """The ``window`` x ``window`` strided views of padded NHWC ``xp``, each the pooled map's size, in scan order."""
-    n, _, _, c = xp.shape
-    ho, wo = out_hw
-    return [jax.lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                          (1, stride, stride, 1)) for i in range(window) for j in range(window)]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
     """``torch.nn.MaxPool2d(window, stride, padding)`` on NHWC ``x``, padded with -inf.
@@ -113,17 +105,18 @@ def _max_pool_fwd(x, window, stride, padding):
 def _max_pool_bwd(window, stride, padding, residuals, g):
     x, y = residuals
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    (n, hp, wp, c), (ho, wo) = xp.shape, y.shape[1:3]
     taken = jnp.zeros(y.shape, bool)
     grad = jnp.zeros(xp.shape, g.dtype)
-    views = _window_slices(xp, window, stride, y.shape[1:3])
-    for k, view in enumerate(views):
-        first = (view == y) & ~taken  # this view holds the window's maximum, and no earlier one did
-        taken = taken | first
-        i, j = divmod(k, window)
-        high_h, high_w = xp.shape[1] - i - stride * (y.shape[1] - 1) - 1, xp.shape[2] - j - stride * (y.shape[2] - 1) - 1
-        grad = grad + jax.lax.pad(jnp.where(first, g, 0), jnp.array(0, g.dtype),
-                                  ((0, 0, 0), (i, high_h, stride - 1), (j, high_w, stride - 1), (0, 0, 0)))
-    return (grad[:, padding:xp.shape[1] - padding, padding:xp.shape[2] - padding, :],)
+    for i in range(window):  # the windows' offsets in PyTorch's scan order: rows, then columns
+        for j in range(window):
+            last_i, last_j = i + stride * (ho - 1), j + stride * (wo - 1)
+            view = jax.lax.slice(xp, (0, i, j, 0), (n, last_i + 1, last_j + 1, c), (1, stride, stride, 1))
+            first = (view == y) & ~taken  # this offset holds the window's maximum, and no earlier one did
+            taken = taken | first
+            spread = ((0, 0, 0), (i, hp - 1 - last_i, stride - 1), (j, wp - 1 - last_j, stride - 1), (0, 0, 0))
+            grad = grad + jax.lax.pad(jnp.where(first, g, 0), jnp.array(0, g.dtype), spread)
+    return (grad[:, padding:hp - padding, padding:wp - padding, :],)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
