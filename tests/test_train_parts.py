@@ -192,3 +192,36 @@ def test_compile_cache_folder_per_cpu_private_and_refused_when_others_can_write(
     assert cc.enable(tmp_path / "file") is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("warning: no compilation cache"), err
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_reaches_the_main_thread(monkeypatch):
+    """Python prints and drops an exception raised in a ``__del__`` (the unraisable hook); a Ctrl-C landing in
+    one of grain's or Orbax's finalizers on the main thread would leave the run going. ``python -m train``
+    redelivers it: the main thread gets KeyboardInterrupt once the hook has returned. Other unraisable
+    exceptions still go to the hook that was there before."""
+    import gc
+    import sys
+    import time
+
+    from train.__main__ import redeliver_interrupts
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value)))
+    redeliver_interrupts(sys.unraisablehook)
+
+    class Raises:
+        def __init__(self, exc: type[BaseException]):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc()
+
+    Raises(ValueError)  # collected at once: the earlier hook sees it, nothing else happens
+    gc.collect()
+    assert seen == [ValueError]
+    with pytest.raises(KeyboardInterrupt):
+        Raises(KeyboardInterrupt)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the redelivered interrupt ends this wait
+            time.sleep(0.01)
+    assert seen == [ValueError]

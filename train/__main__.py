@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.platforms import leave_out_absent_tpu
 
     leave_out_absent_tpu()
-    _redeliver_interrupts()
+    redeliver_interrupts()
     from train.compile_cache import enable
 
     enable(cfg.compile_cache)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _redeliver_interrupts(hook=sys.unraisablehook) -> None:
+def redeliver_interrupts(hook=sys.unraisablehook) -> None:
     """A Ctrl-C that lands in a garbage-collection callback would be printed and swallowed, and the run would go
     on: deliver it to the main thread again instead."""
     import _thread
