@@ -89,8 +89,10 @@ class Checkpoints:
                 force=force,
             )
 
-    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
-        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of ``target``.
+    def restore(self, target: TrainState, step: int | None = None, meta: bool = True
+                ) -> tuple[TrainState, dict[str, Any]]:
+        """Restore ``step`` (default: latest) into the structure, dtypes and shardings of ``target``, with its
+        metadata (``{}`` when ``meta`` is False: a caller that read it with :meth:`read_meta` already).
 
         A checkpoint that cannot be read (tampered, truncated, another model) or holds non-finite weights
         raises :class:`CheckpointError` in one line.
@@ -99,15 +101,15 @@ class Checkpoints:
         abstract = jax.tree.map(_restore_target, target)
         where = self.directory / str(step)
         try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            parts = {"state": ocp.args.StandardRestore(abstract), **({"meta": ocp.args.JsonRestore()} if meta else {})}
+            restored = self.manager.restore(step, args=ocp.args.Composite(**parts))
         except Exception as e:  # orbax/tensorstore raise ValueError, KeyError, OSError, ... on damaged files
             raise CheckpointError(f"checkpoint {where} cannot be read ({first_line(e)}); delete it to resume from "
                                "an earlier one, or start afresh in a new --workdir") from None
         if not _finite_here(restored.state.params, restored.state.batch_stats):
             raise CheckpointError(f"checkpoint {where} holds non-finite (NaN/inf) weights; delete it to use an "
                                "earlier one, or start afresh in a new --workdir")
-        return restored.state, restored.meta
+        return restored.state, restored.meta if meta else {}
 
     def best_step(self) -> int | None:
         """The kept epoch-end checkpoint with the highest validation top-1."""

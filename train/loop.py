@@ -92,7 +92,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         del model
         state = jax.device_put(state, replicated)
         if resuming:
-            state, _ = ckpts.restore(state, restore_step)
+            state, _ = ckpts.restore(state, restore_step, meta=False)  # its position was read above
             log(f"resumed from {cfg.workdir / 'checkpoints'} at step {position['step']} "
                 f"(epoch {position['epoch'] + 1}, batch {position['batch']})")
         cfg.workdir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no workdir
