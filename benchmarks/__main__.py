@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="compute dtype of both frameworks (auto: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--steps", type=int, help="timed calls per implementation (median reported; default 5, quick 3)")
+    p.add_argument("--steps-per-call", type=int, default=1, metavar="K",
+                   help="training: K steps dispatched back to back in each timed call, one wait at the end, as a "
+                        "training loop runs them (default 1: each step waited for)")
     p.add_argument("--image-size", type=int, nargs="+", default=[224])
     p.add_argument("--quick", action="store_true", help="one batch size per row, 3 timed calls, no plain-Flax column")
     p.add_argument("--sweep", action="store_true",
@@ -117,7 +120,8 @@ def workloads(args: argparse.Namespace, arch: str, mode: str) -> list[tuple[int,
 def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str,
                      image_size: int = 224) -> list[Case]:
     """The implementations of one workload in the main table, in timing order."""
-    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype}
+    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype,
+              "steps_per_call": args.steps_per_call if mode == "train" else 1}
     cases = [Case("torch", "torch", **common)]
     if not (args.no_plain or args.quick or args.sweep):
         cases.append(Case("flax", "flax", flax=FLAX_PLAIN, **common))
@@ -132,7 +136,8 @@ def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int,
 def lever_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str,
                 image_size: int = 224) -> list[Case]:
     """PyTorch plus every Flax lever that applies to ``mode``."""
-    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype}
+    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype,
+              "steps_per_call": args.steps_per_call if mode == "train" else 1}
     cases = [Case("torch", "torch", **common)]
     wanted = set(args.levers or LEVERS) | {"plain"}
     cases += [Case(name, "flax", flax=opts, **common) for name, (modes, opts) in LEVERS.items()
@@ -206,7 +211,9 @@ def settings(args: argparse.Namespace, dtype: str, timing: Timing) -> dict[str, 
     return {"dtype": dtype, "timed_calls": timing.steps, "max_foreign": timing.max_foreign,
             "wait_quiet_s": timing.wait_quiet_s,
             "measured": f"{dtype}, median of {timing.steps} timed calls after a warm-up, implementations "
-                        "alternating, each in its own process"}
+                        "alternating, each in its own process"
+                        + (f"; each training call {args.steps_per_call} steps dispatched back to back, one wait"
+                           if args.steps_per_call > 1 else "")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,7 @@ class Case:
     flax: FlaxOptions = FlaxOptions()
     torch_compile: bool = False
     seed: int = 0
+    steps_per_call: int = 1  # training: steps dispatched back to back in one timed call, one wait at the end
 
     def to_json(self) -> str:
         """One line of JSON (the worker's first stdin line)."""

@@ -186,9 +186,9 @@ class Result:
 
     @property
     def images_per_s(self) -> float | None:
-        """Batch size over the median call time."""
+        """Images a call processes (batch x steps per call) over the median call time."""
         med = self.median_s
-        return None if not med else self.case.batch / med
+        return None if not med else self.case.batch * self.case.steps_per_call / med
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record."""

@@ -80,11 +80,12 @@ def build_train(case: Case, device: torch.device) -> tuple[Callable[[], None], f
     y = torch.randint(0, 1000, (case.batch,), device=device)
 
     def run() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(case, device):
-            loss = loss_fn(forward(x), y)
-        loss.backward()
-        optimizer.step()
+        for _ in range(case.steps_per_call):  # queued back to back on a GPU; one wait at the end
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(case, device):
+                loss = loss_fn(forward(x), y)
+            loss.backward()
+            optimizer.step()
         synchronize(device)
 
     return run, first_call_seconds(run, case)

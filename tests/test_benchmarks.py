@@ -255,3 +255,13 @@ def test_first_step_rows_and_table():
                                                                         ("warm", 0, 6.67)]
     text = TABLES["first-step"](got)
     assert "| warm | 2 (the default) | 8.33, 8.17, 8.42 | **8.3** |" in text and "cold (empty folder)" in text
+
+
+def test_a_call_of_several_steps_counts_their_images():
+    from benchmarks.config import Case
+    from benchmarks.harness import Result, Sample
+
+    case = Case("flax-fast", "flax", "resnet18", "train", batch=8, steps_per_call=3)
+    assert Case.from_json(case.to_json()) == case  # it reaches the worker
+    result = Result(case, True, samples=[Sample(0.5, None), Sample(0.6, None), Sample(0.4, None)])
+    assert result.images_per_s == 8 * 3 / 0.5
