@@ -7,7 +7,8 @@ one process) and ``python -m train --arch resnet18`` with the same recipe:
 batch 64, SGD (Nesterov momentum 0.9, lr 0.1, 20 warm-up steps then cosine, weight decay 5e-4 on kernels),
 no label smoothing, RandomResizedCrop + flip, 2 loader workers, evaluated every epoch. Each command's wall
 time is measured from its start to its exit (start-up, compilation, checkpoints and evaluations included);
-the final validation top-1 of each is read from its output. The faster PyTorch script is the baseline. Needs ``pip install -e ".[bench]"``.
+the final validation top-1 of each is read from its output. The faster PyTorch script is the baseline.
+Needs ``pip install -e ".[bench]"``.
 """
 
 from __future__ import annotations

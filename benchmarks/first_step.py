@@ -73,7 +73,8 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key, seconds in report["samples"].items():
         cache, workers = key.split("/")
-        out.append({"cache": cache, "workers": int(workers), "seconds": seconds, "median_s": statistics.median(seconds)})
+        out.append({"cache": cache, "workers": int(workers), "seconds": seconds,
+                    "median_s": statistics.median(seconds)})
     return out
 
 
