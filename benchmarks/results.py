@@ -3,7 +3,8 @@
 Every benchmark command (``python -m benchmarks``, ``python -m benchmarks.pipeline``, ``.end_to_end``,
 ``.converter``, ``.first_step``) writes one file per table it prints: ``benchmarks/results/KIND-TAG.json``,
 where KIND is ``sweep``, ``models``, ``levers``, ``pipeline``, ``end-to-end``, ``converter`` or ``first-step``
-and TAG names the host (``--results-tag``; default from the CPU model, its widest vector ISA and the core count, or the GPU's name).
+and TAG names the host (``--results-tag``; default from the CPU model, its widest vector ISA and the core
+count, or the GPU's name).
 A file holds::
 
     {"kind": ..., "command": "python -m benchmarks --sweep", "date": "YYYY-MM-DD",
