@@ -174,10 +174,17 @@ def first_step_table(rows: Sequence[dict[str, Any]]) -> str:
     return table(["compilation cache", "loader workers", "first step finished s (each run)", "median s"], out)
 
 
+def step_profile_table(rows: Sequence[dict[str, Any]]) -> str:
+    """``python -m benchmarks.step_profile``: the train step's compiled operations by kind."""
+    return table(["operation kind", "ms per step", "share"],
+                 [[f"`{r['kind']}`" if not r["kind"].startswith("other") else r["kind"], f"{r['ms_per_step']:.1f}",
+                   f"{100 * r['share']:.0f} %"] for r in rows])
+
+
 TABLES: dict[str, Callable[[Sequence[dict[str, Any]]], str]] = {
     "sweep": models_table, "models": models_table, "levers": levers_table, "pipeline": pipeline_table,
     "end-to-end": end_to_end_table, "converter": converter_table, "parity-eval": parity_eval_table,
-    "parity-train": parity_train_table, "first-step": first_step_table}
+    "parity-train": parity_train_table, "first-step": first_step_table, "step-profile": step_profile_table}
 
 
 def host_line(h: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 KINDS = ("sweep", "models", "levers", "pipeline", "end-to-end", "converter", "parity-eval", "parity-train",
-         "first-step")
+         "first-step", "step-profile")
 # CPU features that decide which kernels torch (oneDNN) and XLA:CPU can use, in /proc/cpuinfo's spelling.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")

@@ -265,3 +265,13 @@ def test_a_call_of_several_steps_counts_their_images():
     assert Case.from_json(case.to_json()) == case  # it reaches the worker
     result = Result(case, True, samples=[Sample(0.5, None), Sample(0.6, None), Sample(0.4, None)])
     assert result.images_per_s == 8 * 3 / 0.5
+
+
+def test_step_profile_rows_rank_kinds_and_sum_the_rest():
+    from benchmarks.render import TABLES
+    from benchmarks.step_profile import rows
+
+    got = rows({"dot": 30.0, "transpose_copy_fusion": 60.0, "convolution": 6.0, "copy": 4.0}, top=2)
+    assert [r["kind"] for r in got] == ["transpose_copy_fusion", "dot", "other (2 kinds)"]
+    assert [r["ms_per_step"] for r in got] == [60.0, 30.0, 10.0] and abs(sum(r["share"] for r in got) - 1.0) < 1e-12
+    assert "| `transpose_copy_fusion` | 60.0 | 60 % |" in TABLES["step-profile"](got)
