@@ -90,7 +90,8 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -
 
     The gradient goes to the first maximum of each window in scan order, as PyTorch's does. It is computed from
     strided views of the input (elementwise work a compiler fuses) rather than by XLA's select-and-scatter, which
-    on a CPU costs several times the rest of the pooling (resnet18 at 64 px, batch 64: 75 ms against 11).
+    on a CPU is slow: pooling forward and backward at resnet18's 64 px stem, batch 64, takes 76-82 ms that way
+    and 19-24 ms this way.
     """
     return _max_pool_fwd(x, window, stride, padding)[0]
 
