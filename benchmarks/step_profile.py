@@ -38,11 +38,14 @@ def profile(run: Any, steps: int) -> tuple[dict[str, float], str]:
     kinds: dict[str, float] = collections.defaultdict(float)
     gpu = jax.default_backend() != "cpu"
     for plane in data.planes:
-        if gpu and not plane.name.startswith("/device:"):
+        if gpu and (not plane.name.startswith("/device:") or "CUSTOM" in plane.name):
             continue
+        streams = any(line.name.startswith("Stream") for line in plane.lines)
         for line in plane.lines:
             if not gpu and "XLAEigen" not in line.name:  # XLA:CPU's thread pool; its thunks are the operations
                 continue
+            if gpu and not (line.name.startswith("Stream") or (line.name == "XLA Ops" and not streams)):
+                continue  # a GPU's kernels are on its streams (a TPU's ops on "XLA Ops"); other lines repeat them
             for event in line.events:
                 if event.name.startswith("ThunkExecutor") or "Await" in event.name:
                     continue
