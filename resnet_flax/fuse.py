@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from resnet_flax.conv import CPU_EVAL_OPTIONS, conv2d, cpu_compiler_options
-from resnet_flax.layers import BatchNorm, Dtype
+from resnet_flax.layers import BatchNorm, Dtype, max_pool
 from resnet_flax.model import BasicBlock, Bottleneck, ResNet
 
 FoldedParams = dict[str, Any]
@@ -142,8 +142,7 @@ def folded_forward(plan: Plan, params: FoldedParams, x: jax.Array) -> jax.Array:
     """Float32 logits of the folded network (the body of ``apply_fn``)."""
     dtype = plan.dtype
     x = jax.nn.relu(conv_bias(x.astype(dtype), params["stem"], plan.stem, dtype))
-    x = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                              ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = max_pool(x, 3, 2, 1)
     for block_params, block_plan in zip(params["blocks"], plan.blocks):
         x = block_forward(x, block_params, block_plan, dtype)
     feats = jnp.mean(x, axis=(1, 2))

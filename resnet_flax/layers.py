@@ -126,7 +126,7 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 class BatchNorm(nnx.Module):
     """BatchNorm over the channel (last) axis with ``torch.nn.BatchNorm2d``'s semantics.
 
-    Train mode normalises with the biased batch variance (two-pass, as PyTorch) and updates
+    Train mode normalises with the biased batch variance and updates
     ``mean``/``var`` with momentum 0.1 in PyTorch's convention, storing the *unbiased* variance
     in ``var`` exactly as PyTorch's ``running_var``. ``nnx.Module.eval()``/``train()`` switch modes.
     Statistics are computed in float32 whatever the compute dtype: in two passes for float32 inputs, as PyTorch,
