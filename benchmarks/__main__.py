@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import results
-from benchmarks.config import FLAX_PLAIN, LEVERS, Case, conv_lever_applies, fast_options, without_conv_lever
+from benchmarks.config import (
+    FLAX_PLAIN,
+    LEVERS,
+    Case,
+    conv_lever_applies,
+    fast_options,
+    resolve_dtype,
+    without_conv_lever,
+)
 from benchmarks.harness import ROOT, Result, Timing, last_line, measure
 from benchmarks.report import (
     comparison_rows,
@@ -94,13 +102,6 @@ def has_gpu() -> bool:
         return False
 
 
-def resolve_dtype(requested: str, gpu: bool) -> str:
-    """bf16 on GPU (torch runs AMP there), float32 on CPU, unless asked otherwise."""
-    if requested != "auto":
-        return requested
-    return "bfloat16" if gpu else "float32"
-
-
 def batches_for(args: argparse.Namespace, arch: str, mode: str) -> tuple[int, ...]:
     """Batch sizes of one (arch, mode) row group."""
     if args.batch:
@@ -117,11 +118,17 @@ def workloads(args: argparse.Namespace, arch: str, mode: str) -> list[tuple[int,
     return [(size, batch) for size in args.image_size for batch in batches_for(args, arch, mode)]
 
 
+def workload(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str, image_size: int
+             ) -> dict[str, Any]:
+    """The fields every implementation of one workload shares (a Case's keyword arguments)."""
+    return {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype,
+            "steps_per_call": args.steps_per_call if mode == "train" else 1}
+
+
 def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str,
                      image_size: int = 224) -> list[Case]:
     """The implementations of one workload in the main table, in timing order."""
-    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype,
-              "steps_per_call": args.steps_per_call if mode == "train" else 1}
+    common = workload(args, arch, mode, batch, dtype, image_size)
     cases = [Case("torch", "torch", **common)]
     if not (args.no_plain or args.quick or args.sweep):
         cases.append(Case("flax", "flax", flax=FLAX_PLAIN, **common))
@@ -136,8 +143,7 @@ def comparison_cases(args: argparse.Namespace, arch: str, mode: str, batch: int,
 def lever_cases(args: argparse.Namespace, arch: str, mode: str, batch: int, dtype: str,
                 image_size: int = 224) -> list[Case]:
     """PyTorch plus every Flax lever that applies to ``mode``."""
-    common = {"arch": arch, "mode": mode, "batch": batch, "image_size": image_size, "dtype": dtype,
-              "steps_per_call": args.steps_per_call if mode == "train" else 1}
+    common = workload(args, arch, mode, batch, dtype, image_size)
     cases = [Case("torch", "torch", **common)]
     wanted = set(args.levers or LEVERS) | {"plain"}
     cases += [Case(name, "flax", flax=opts, **common) for name, (modes, opts) in LEVERS.items()

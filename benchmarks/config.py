@@ -62,6 +62,13 @@ class Case:
         return Case(flax=FlaxOptions(**flax), **d)
 
 
+def resolve_dtype(requested: str, gpu: bool) -> str:
+    """bf16 on GPU (torch runs AMP there), float32 on CPU, unless asked otherwise."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if gpu else "float32"
+
+
 # The Flax configurations compared in the main table: the plain model, and the fastest levers found here.
 FLAX_PLAIN = FlaxOptions()
 FLAX_FAST_INFER = FlaxOptions.with_options(CPU_EVAL_OPTIONS, fold_bn=True)

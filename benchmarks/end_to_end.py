@@ -31,7 +31,6 @@ from benchmarks import results
 REPLY_PREFIX = "@@bench "
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = {"batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "warmup_steps": 20, "image_size": 32}
-TORCH_IMPLS = ("torch", "torch-in-memory")  # digits_torch.py with DataLoader workers; with --in-memory
 
 
 def write_digits(root: Path, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> tuple[int, int]:
@@ -101,12 +100,12 @@ def train_result(proc: subprocess.CompletedProcess, workdir: Path) -> dict[str, 
 
 def run(epochs: int, rounds: int, workers: int, log: Any = None) -> dict[str, Any]:
     """Write the digits, then take turns with the three commands ``rounds`` times."""
-    samples: dict[str, list[dict[str, Any]]] = {"torch": [], "torch-in-memory": [], "flax": []}
+    samples: dict[str, list[dict[str, Any]]] = {impl: [] for impl in results.E2E_IMPLS}
     with tempfile.TemporaryDirectory(prefix="bench-digits-") as tmp:
         data = Path(tmp) / "digits"
         n_train, n_val = write_digits(data)
         for r in range(rounds):
-            for impl in TORCH_IMPLS:
+            for impl in results.E2E_TORCH_IMPLS:
                 wall, proc = timed(torch_command(data, epochs, workers, in_memory=impl == "torch-in-memory"))
                 samples[impl].append({"wall_s": wall, **torch_result(proc)})
             workdir = Path(tmp) / f"workdir{r}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Result
+from benchmarks.results import faster_torch_wall
 
 
 def fmt(value: float | None, spec: str = ".1f", missing: str = "n/a") -> str:
@@ -128,8 +129,7 @@ def end_to_end_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     """Header and rows of the end-to-end run: wall time and final validation top-1 of each command."""
     header = ["command", "wall s", "val top-1 %", "faster torch wall / this wall"]
     summary = report.get("summary", {})
-    torch_walls = [summary[i]["wall_s"] for i in ("torch", "torch-in-memory") if summary.get(i, {}).get("wall_s")]
-    torch_wall = min(torch_walls) if torch_walls else None
+    torch_wall = faster_torch_wall(summary)
     rows = []
     for impl, label in (("torch", "plain PyTorch script"), ("torch-in-memory", "plain PyTorch script, in memory"),
                         ("flax", "python -m train")):

@@ -79,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from benchmarks.config import Case, fast_options
+    from benchmarks.config import Case, fast_options, resolve_dtype
     from benchmarks.flax_work import build
 
-    gpu = jax.default_backend() == "gpu"
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    dtype = resolve_dtype(args.dtype, jax.default_backend() == "gpu")
     case = Case("flax-fast", "flax", args.arch, "train", args.batch, args.image_size, dtype,
                 flax=fast_options("train"))
     work = build(case)
