@@ -141,12 +141,38 @@ def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dil
     kernel = kernel.astype(x.dtype)
     if groups == 1:
         patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
-        return jnp.dot(patches, kernel.reshape(kh * kw * cin_g, cout), precision=precision)
+        return _patches_dot(patches, kernel.reshape(kh * kw * cin_g, cout), precision)
     taps = kh * kw
     patches = jnp.stack(windows, axis=3).reshape(n, out_h, out_w, taps, groups, cin_g)
     k = kernel.reshape(taps, cin_g, groups, cout // groups)
     y = jnp.einsum("nhwtgc,tcgo->nhwgo", patches, k, precision=precision)
     return y.reshape(n, out_h, out_w, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _patches_dot(patches: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
+    """``patches @ kernel`` whose input gradient multiplies by a materialised transpose of the kernel.
+
+    XLA:CPU's Eigen matmul with a transposed right operand (``dy @ kernel.T``, the input gradient) runs at a
+    third of its usual speed (a [256, 512] x [512, 4608] product: 8.5 ms vs 3.8 with the transpose copied out
+    first, on a 2-core AVX-512 EPYC); the optimization barrier keeps XLA from folding the copy back into the dot.
+    """
+    return jnp.dot(patches, kernel, precision=precision)
+
+
+def _pd_fwd(patches, kernel, precision):
+    return jnp.dot(patches, kernel, precision=precision), (patches, kernel)
+
+
+def _pd_bwd(precision, residuals, ct):
+    patches, kernel = residuals
+    d_patches = jnp.dot(ct, lax.optimization_barrier(kernel.T), precision=precision)
+    batch_dims = tuple(range(patches.ndim - 1))
+    d_kernel = lax.dot_general(patches, ct, ((batch_dims, batch_dims), ((), ())), precision=precision)
+    return d_patches, d_kernel.astype(kernel.dtype)
+
+
+_patches_dot.defvjp(_pd_fwd, _pd_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
