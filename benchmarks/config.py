@@ -26,6 +26,7 @@ class FlaxOptions:
     host_round_trip: bool = False  # training: batch from numpy each step and the loss read back (a real loop)
     cpu_compiler_options: tuple[tuple[str, Any], ...] = ()  # XLA options for this compile, on CPU only
     conv: str = "auto"  # resnet_flax.conv policy: "auto" (per-shape choice), "xla" (XLA's convs only), "matmul"
+    retain_memory: bool = False  # CPU: glibc keeps freed blocks (train.host_memory), as python -m train sets it
 
     @staticmethod
     def with_options(options: dict[str, Any], **kwargs: Any) -> FlaxOptions:
@@ -72,7 +73,7 @@ def resolve_dtype(requested: str, gpu: bool) -> str:
 # The Flax configurations compared in the main table: the plain model, and the fastest levers found here.
 FLAX_PLAIN = FlaxOptions()
 FLAX_FAST_INFER = FlaxOptions.with_options(CPU_EVAL_OPTIONS, fold_bn=True)
-FLAX_FAST_TRAIN = FlaxOptions.with_options(CPU_TRAIN_OPTIONS)
+FLAX_FAST_TRAIN = FlaxOptions.with_options(CPU_TRAIN_OPTIONS, retain_memory=True)
 
 
 def fast_options(mode: Mode) -> FlaxOptions:
@@ -112,4 +113,5 @@ LEVERS: dict[str, tuple[tuple[str, ...], FlaxOptions]] = {
     "ynn-reduce-only+host-round-trip": (("train",),
                                         FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, host_round_trip=True)),
     "ynn-reduce-only+xla-conv": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, conv="xla")),
+    "ynn-reduce-only+retain-memory": (("train",), FlaxOptions.with_options(_FAST_TRAIN_OPTIONS, retain_memory=True)),
 }
