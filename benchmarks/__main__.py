@@ -83,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="retry samples during which other processes used more than this share of the CPUs")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each timed call wait up to S seconds for other processes to leave the CPUs idle")
+    p.add_argument("--cold-calls", action="store_true",
+                   help="time each call after the idle gap between samples, without the untimed call before it")
     p.add_argument("--out", type=Path, default=Path("bench-results/benchmark.json"),
                    help="everything measured, with every sample (the result files keep the tables' rows)")
     results.add_arguments(p)
@@ -215,9 +217,10 @@ def print_models(groups: list[list[Result]], levers: bool, with_compile: bool) -
 def settings(args: argparse.Namespace, dtype: str, timing: Timing) -> dict[str, Any]:
     """How the model tables were measured, for the result files."""
     return {"dtype": dtype, "timed_calls": timing.steps, "max_foreign": timing.max_foreign,
-            "wait_quiet_s": timing.wait_quiet_s,
+            "wait_quiet_s": timing.wait_quiet_s, "warm_call": timing.warm_call,
             "measured": f"{dtype}, median of {timing.steps} timed calls after a warm-up, implementations "
                         "alternating, each in its own process"
+                        + ("; each timed call right after an untimed one" if timing.warm_call else "")
                         + (f"; each training call {args.steps_per_call} steps dispatched back to back, one wait"
                            if args.steps_per_call > 1 else "")}
 
@@ -229,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = has_gpu()
     dtype = resolve_dtype(args.dtype, gpu)
     timing = Timing(steps=args.steps or (3 if args.quick or args.sweep else 5), max_foreign=args.max_foreign,
-                    wait_quiet_s=args.wait_quiet)
+                    wait_quiet_s=args.wait_quiet, warm_call=not args.cold_calls)
     payload: dict[str, Any] = {"environment": environment(gpu, dtype), "timing": vars(timing),
                                "argv": list(argv if argv is not None else sys.argv[1:])}
     started = time.perf_counter()

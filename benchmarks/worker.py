@@ -2,8 +2,8 @@
 
 Protocol (JSON lines; replies are prefixed with ``@@bench`` so library chatter on stdout is ignored):
 stdin line 1 is the case; the worker replies ``{"event": "ready", ...}`` (or ``"error"``). Then each ``time``
-command runs one call and replies its seconds; ``stop`` replies the memory report and exits. Only the
-framework under test is imported, so the peak RSS is that framework's own.
+command runs one call (after an untimed one, with ``"warm": true``) and replies its seconds; ``stop`` replies
+the memory report and exits. Only the framework under test is imported, so the peak RSS is that framework's own.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def serve(case: Case) -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["cmd"] == "time":
+            if command.get("warm"):  # an untimed call first: threads awake and caches filled, as in a busy loop
+                workload.run()
             t0 = time.perf_counter()
             workload.run()
             reply({"seconds": time.perf_counter() - t0})
