@@ -84,43 +84,40 @@ def linear(in_features: int, out_features: int, *, dtype: Dtype = jnp.float32, r
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1) -> jax.Array:
     """``torch.nn.MaxPool2d(window, stride, padding)`` on NHWC ``x``, padded with -inf.
 
-    The gradient goes to the first maximum of each window in scan order, as PyTorch's does. It is computed from
-    strided views of the input (elementwise work a compiler fuses) rather than by XLA's select-and-scatter, which
-    on a CPU is slow: pooling forward and backward at resnet18's 64 px stem, batch 64, takes 76-82 ms that way
-    and 19-24 ms this way.
+    The maximum of the window's strided views of the input, and the derivative that of the first maximum of each
+    window in scan order, as PyTorch's gradient is: elementwise work a compiler fuses, where XLA's reduce-window
+    and select-and-scatter are slow on a CPU (resnet18's 64 px stem, batch 64, on a 2-core EPYC: the forward
+    3.2 ms as a reduce-window, 2.0 ms as views; forward and backward 76-82 ms with select-and-scatter).
     """
-    return _max_pool_fwd(x, window, stride, padding)[0]
+    return functools.reduce(jnp.maximum, _pool_views(x, window, stride, padding, -jnp.inf))
 
 
-def _max_pool_fwd(x, window, stride, padding):
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    y = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1),
-                              (1, stride, stride, 1), pad)
-    return y, (x, y)
+def _pool_views(x: jax.Array, window: int, stride: int, padding: int, fill: float) -> list[jax.Array]:
+    """The window's offsets as strided views of ``x`` padded with ``fill``, in PyTorch's scan order."""
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=fill)
+    n, hp, wp, c = xp.shape
+    ho, wo = (hp - window) // stride + 1, (wp - window) // stride + 1
+    return [jax.lax.slice(xp, (0, i, j, 0), (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                          (1, stride, stride, 1))
+            for i in range(window) for j in range(window)]
 
 
-def _max_pool_bwd(window, stride, padding, residuals, g):
-    x, y = residuals
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    (n, hp, wp, c), (ho, wo) = xp.shape, y.shape[1:3]
+@max_pool.defjvp
+def _max_pool_jvp(window, stride, padding, primals, tangents):
+    (x,), (t,) = primals, tangents
+    views = _pool_views(x, window, stride, padding, -jnp.inf)
+    y = functools.reduce(jnp.maximum, views)
     taken = jnp.zeros(y.shape, bool)
-    grad = jnp.zeros(xp.shape, g.dtype)
-    for i in range(window):  # the windows' offsets in PyTorch's scan order: rows, then columns
-        for j in range(window):
-            last_i, last_j = i + stride * (ho - 1), j + stride * (wo - 1)
-            view = jax.lax.slice(xp, (0, i, j, 0), (n, last_i + 1, last_j + 1, c), (1, stride, stride, 1))
-            first = (view == y) & ~taken  # this offset holds the window's maximum, and no earlier one did
-            taken = taken | first
-            spread = ((0, 0, 0), (i, hp - 1 - last_i, stride - 1), (j, wp - 1 - last_j, stride - 1), (0, 0, 0))
-            grad = grad + jax.lax.pad(jnp.where(first, g, 0), jnp.array(0, g.dtype), spread)
-    return (grad[:, padding:hp - padding, padding:wp - padding, :],)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+    out = jnp.zeros(y.shape, t.dtype)
+    for view, t_view in zip(views, _pool_views(t, window, stride, padding, 0)):
+        first = (view == y) & ~taken  # this offset holds the window's maximum, and no earlier one did
+        taken = taken | first
+        out = out + jnp.where(first, t_view, 0)
+    return y, out
 
 
 class BatchNorm(nnx.Module):
