@@ -54,23 +54,35 @@ def write_digits(root: Path, size: int = 32, val_fraction: float = 0.2, seed: in
     return counts[0], counts[1]
 
 
-def torch_command(data: Path, epochs: int, workers: int, in_memory: bool = False) -> list[str]:
-    """The plain PyTorch script's command line: DataLoader workers, or (``in_memory``) none."""
+DATALOADER_WORKERS = 2  # the DataLoader script's workers unless --num-workers says otherwise
+
+
+def workers_text(workers: int | None) -> str:
+    """How many loader workers each command used, for the result's settings."""
+    if workers is not None:
+        return f"{workers} loader workers (none for the in-memory script)"
+    return (f"{DATALOADER_WORKERS} DataLoader workers, python -m train's default loader (threads in its own process "
+            "on 2 CPUs or fewer), none for the in-memory script")
+
+
+def torch_command(data: Path, epochs: int, workers: int | None, in_memory: bool = False) -> list[str]:
+    """The plain PyTorch script's command line: DataLoader workers (default 2), or (``in_memory``) none."""
     r = RECIPE
     return [sys.executable, str(ROOT / "benchmarks" / "digits_torch.py"), str(data), "--epochs", str(epochs),
             "--batch-size", str(r["batch_size"]), "--image-size", str(r["image_size"]), "--lr", str(r["lr"]),
             "--weight-decay", str(r["weight_decay"]), "--warmup-steps", str(r["warmup_steps"]),
-            *(["--in-memory"] if in_memory else ["--num-workers", str(workers)])]
+            *(["--in-memory"] if in_memory
+              else ["--num-workers", str(DATALOADER_WORKERS if workers is None else workers)])]
 
 
-def train_command(data: Path, epochs: int, workers: int, workdir: Path) -> list[str]:
-    """``python -m train`` with the same recipe."""
+def train_command(data: Path, epochs: int, workers: int | None, workdir: Path) -> list[str]:
+    """``python -m train`` with the same recipe; its own loader default unless ``workers`` is given."""
     r = RECIPE
     return [sys.executable, "-m", "train", "--arch", "resnet18", "--data-dir", str(data), "--epochs", str(epochs),
             "--batch-size", str(r["batch_size"]), "--image-size", str(r["image_size"]), "--optimizer", "sgd",
             "--lr", str(r["lr"]), "--lr-scaling", "none", "--weight-decay", str(r["weight_decay"]),
-            "--warmup-steps", str(r["warmup_steps"]), "--label-smoothing", "0", "--num-workers", str(workers),
-            "--no-progress", "--workdir", str(workdir)]
+            "--warmup-steps", str(r["warmup_steps"]), "--label-smoothing", "0",
+            *([] if workers is None else ["--num-workers", str(workers)]), "--no-progress", "--workdir", str(workdir)]
 
 
 def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -98,7 +110,7 @@ def train_result(proc: subprocess.CompletedProcess, workdir: Path) -> dict[str, 
     return {"val_top1": evals[-1]["val_top1"], "median_logged_images_per_s": statistics.median(ips) if ips else None}
 
 
-def run(epochs: int, rounds: int, workers: int, log: Any = None) -> dict[str, Any]:
+def run(epochs: int, rounds: int, workers: int | None, log: Any = None) -> dict[str, Any]:
     """Write the digits, then take turns with the three commands ``rounds`` times."""
     samples: dict[str, list[dict[str, Any]]] = {impl: [] for impl in results.E2E_IMPLS}
     with tempfile.TemporaryDirectory(prefix="bench-digits-") as tmp:
@@ -133,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help=f"loader workers of the DataLoader script and python -m train (default: "
+                        f"{DATALOADER_WORKERS} for the script, python -m train's own default)")
     results.add_arguments(p)
     args = p.parse_args(argv)
     report = run(args.epochs, args.rounds, args.num_workers, log=lambda m: print(m, file=sys.stderr, flush=True))
     measured = (f"resnet18 on scikit-learn's digits as {report['train_images']} + {report['val_images']} PNGs at "
                 f"{RECIPE['image_size']} px, {args.epochs} epochs, batch {RECIPE['batch_size']}, SGD, "
-                f"{args.num_workers} loader workers (none for the in-memory script), evaluated every epoch; wall time "
-                f"of each whole command, against the faster PyTorch script, "
+                f"{workers_text(args.num_workers)}, evaluated every epoch, python -m train also checkpointing "
+                f"every epoch (the scripts save nothing); wall time of each whole command, against the faster PyTorch "
+                f"script, "
                 f"median of {args.rounds} round(s), taking turns")
     results.save(args, results.record("end-to-end", results.command_line("benchmarks.end_to_end", argv or sys.argv[1:]),
                                       results.end_to_end_rows(report), settings={"measured": measured}, raw=report))

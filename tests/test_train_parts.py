@@ -26,6 +26,12 @@ def test_optim_config_defaults_are_the_command_lines():
     assert OptimConfig.for_run(TrainConfig(lr=0.1, batch_size=512), 1).lr == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize(("cpus", "flag", "workers"), [(2, None, 0), (1, None, 0), (8, None, 2), (2, 3, 3)])
+def test_loader_workers_default_to_threads_on_two_cpus(monkeypatch, cpus, flag, workers):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert TrainConfig(num_workers=flag).resolved_num_workers == workers
+
+
 def test_help_shows_each_default_once_and_no_placeholders():
     help_text = build_parser().format_help()
     assert "(default: None)" not in help_text and "(default: True)" not in help_text

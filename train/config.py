@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,10 @@ class TrainConfig:
                            "image N times per epoch, differently augmented, spread over the devices as "
                            "RASampler spreads it over replicas; an epoch is then the examples rounded down to a "
                            "multiple of 256; 1: off", "data", metavar="N", minimum=1)
-    num_workers: int = flag(2, "data loader processes per host (0: in the main process)", "data", metavar="N",
-                            minimum=0, on_resume="free")
+    num_workers: int | None = flag(None, "data loader processes per host (0: threads in the main process)", "data",
+                                   metavar="N", minimum=0, on_resume="free",
+                                   default_text="0 on a host with 2 CPUs or fewer, where worker processes slow the "
+                                                "loader and the steps they compete with; else 2")
     auto_augment: str | None = flag(None, "torchvision's automatic augmentation after the crop and flip: ta_wide "
                                           "(TrivialAugmentWide), ra (RandAugment), imagenet/cifar10/svhn "
                                           "(AutoAugment's policies)", "data", choices=["ta_wide", "ra", "imagenet",
@@ -188,6 +191,14 @@ class TrainConfig:
     @property
     def resolved_arch(self) -> str:
         return self.arch or DEFAULT_ARCH
+
+    @property
+    def resolved_num_workers(self) -> int:
+        """``--num-workers``, else 0 on a host with 2 CPUs or fewer (docs/performance.md measures why), else 2."""
+        if self.num_workers is not None:
+            return self.num_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return 0 if cpus <= 2 else 2
 
 
 DESCRIPTION = """\

@@ -61,7 +61,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         restore_step = (ckpts.best_step() if cfg.eval_only else None) or ckpts.latest_step()
         position = ckpts.read_meta(restore_step)
     progress = data = metrics = None
-    reader = {"batch_size": cfg.batch_size, "seed": cfg.seed, "num_workers": cfg.num_workers,
+    reader = {"batch_size": cfg.batch_size, "seed": cfg.seed, "num_workers": cfg.resolved_num_workers,
               "process_index": jax.process_index(), "process_count": jax.process_count()}
     watch = None if cfg.eval_only else PreemptionWatch()  # SIGTERM from here on: stop after a step, checkpointed
     try:
