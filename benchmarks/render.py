@@ -177,8 +177,9 @@ def first_step_table(rows: Sequence[dict[str, Any]]) -> str:
 def step_profile_table(rows: Sequence[dict[str, Any]]) -> str:
     """``python -m benchmarks.step_profile``: the train step's compiled operations by kind."""
     return table(["operation kind", "ms per step", "share"],
-                 [[f"`{r['kind']}`" if not r["kind"].startswith("other") else r["kind"], f"{r['ms_per_step']:.1f}",
-                   f"{100 * r['share']:.0f} %"] for r in rows])
+                 [[f"`{r['kind']}`" if not r["kind"].startswith(("other", "in no")) else r["kind"],
+                   f"{r['ms_per_step']:.1f}", "" if r["share"] is None else f"{100 * r['share']:.0f} %"]
+                  for r in rows])
 
 
 TABLES: dict[str, Callable[[Sequence[dict[str, Any]]], str]] = {

@@ -5,7 +5,9 @@ step of ``python -m benchmarks`` (the code ``python -m train`` runs, with its co
 traces ``--steps`` steps with ``jax.profiler`` and sums the time of each operation XLA ran, grouped by kind (the
 HLO name without its number: ``transpose_copy_fusion``, ``dot``, ``convolution``...). On a GPU the operations
 are the kernels on the device's streams; on a CPU they are the thunks XLA's thread pool ran, so their times add
-up over the threads (thread-milliseconds, up to the thread count times the step's wall time).
+up over the threads (thread-milliseconds, up to the thread count times the step's wall time). XLA:CPU runs
+convolutions and matmuls on Eigen's own tasks, outside their operation's span, so on a CPU most of their time is
+in the last row: the threads' time in no operation's span.
 Writes ``benchmarks/results/step-profile-TAG.json``.
 """
 
@@ -24,8 +26,9 @@ from typing import Any
 from benchmarks import results
 
 
-def profile(run: Any, steps: int) -> tuple[dict[str, float], str]:
-    """Milliseconds per step of each kind of operation over ``steps`` calls of ``run``; and where they ran."""
+def profile(run: Any, steps: int) -> tuple[dict[str, float], str, int]:
+    """Milliseconds per step of each kind of operation over ``steps`` calls of ``run``; where they ran; and on a
+    CPU the number of XLA:CPU threads seen (0 on a GPU)."""
     import jax
 
     with tempfile.TemporaryDirectory(prefix="step-profile-") as tmp:
@@ -37,6 +40,7 @@ def profile(run: Any, steps: int) -> tuple[dict[str, float], str]:
         data = jax.profiler.ProfileData.from_file(path)
     kinds: dict[str, float] = collections.defaultdict(float)
     gpu = jax.default_backend() != "cpu"
+    threads = set()
     for plane in data.planes:
         if gpu and (not plane.name.startswith("/device:") or "CUSTOM" in plane.name):
             continue
@@ -44,13 +48,15 @@ def profile(run: Any, steps: int) -> tuple[dict[str, float], str]:
         for line in plane.lines:
             if not gpu and "XLAEigen" not in line.name:  # XLA:CPU's thread pool; its thunks are the operations
                 continue
+            if not gpu:
+                threads.add(line.name)
             if gpu and not (line.name.startswith("Stream") or (line.name == "XLA Ops" and not streams)):
                 continue  # a GPU's kernels are on its streams (a TPU's ops on "XLA Ops"); other lines repeat them
             for event in line.events:
                 if event.name.startswith("ThunkExecutor") or "Await" in event.name:
                     continue
                 kinds[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns / 1e6 / steps
-    return dict(kinds), "GPU streams (device ms)" if gpu else "XLA:CPU threads (thread-ms)"
+    return dict(kinds), "GPU streams (device ms)" if gpu else "XLA:CPU threads (thread-ms)", len(threads)
 
 
 def rows(kinds: dict[str, float], top: int) -> list[dict[str, Any]]:
@@ -93,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         work.run()
         seconds.append(time.perf_counter() - t0)
-    kinds, where = profile(work.run, args.steps)
+    kinds, where, threads = profile(work.run, args.steps)
     step_ms = statistics.median(seconds) * 1e3
     table = rows(kinds, args.top)
+    if threads:  # XLA:CPU runs convolutions and matmuls on Eigen's own tasks, outside their operation's span
+        spare = threads * step_ms - sum(kinds.values())
+        table.append({"kind": f"in no operation's span ({threads} threads x the step, less the above)",
+                      "ms_per_step": spare, "share": None})
     measured = (f"flax-fast train step of {args.arch}, batch {args.batch}, {args.image_size} px, {dtype}: median "
                 f"of {args.steps} timed steps {step_ms:.1f} ms; then {args.steps} steps under jax.profiler, each "
                 f"operation's time summed by kind over the {where}")
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.arch} train step, batch {args.batch}, {args.image_size} px, {dtype}: {step_ms:.1f} ms; "
           f"operations by kind over the {where}:")
     for r in table:
-        print(f"  {r['ms_per_step']:9.2f} ms  {100 * r['share']:5.1f} %  {r['kind']}")
+        share = "" if r["share"] is None else f"{100 * r['share']:5.1f} %"
+        print(f"  {r['ms_per_step']:9.2f} ms  {share:>7}  {r['kind']}")
     return 0
 
 
