@@ -4,7 +4,8 @@
 --batch-size 64 --max-steps 3 --log-every 1`` in fresh workdirs, timing each from the command's start to the first
 line of its ``metrics.jsonl`` (written when the first step has finished): with an empty compilation cache
 (``--cold`` runs, each in a new ``$RESNET_FLAX_HOME``) and with the cache the first of them filled (``--warm`` runs),
-with the default two loader workers and with none, taking turns. Writes ``benchmarks/results/first-step-TAG.json``.
+with two loader worker processes and with none (threads), taking turns. Writes
+``benchmarks/results/first-step-TAG.json``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def first_step_seconds(workdir: Path, home: Path, workers: int, timeout: float =
 
 
 def run(cold: int, warm: int, workers: tuple[int, ...], log: Any = print) -> dict[str, Any]:
-    """``cold`` runs with the default workers, each with an empty cache, then ``warm`` rounds of each worker count
+    """``cold`` runs with the first worker count, each with an empty cache, then ``warm`` rounds of each worker count
     on the cache the first cold run filled; (cache, workers) -> seconds of each run."""
     samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-first-step-") as tmp:

@@ -169,7 +169,7 @@ def parity_train_table(rows: Sequence[dict[str, Any]]) -> str:
 def first_step_table(rows: Sequence[dict[str, Any]]) -> str:
     """``python -m benchmarks.first_step``: seconds from ``python -m train``'s start to its first finished step."""
     out = [[("cold (empty folder)" if r["cache"] == "cold" else "warm"),
-            f"{r['workers']}" + (" (the default)" if r["workers"] == 2 else ""),
+            f"{r['workers']} " + ("(threads in the main process)" if r["workers"] == 0 else "processes"),
             ", ".join(f"{s:.2f}" for s in r["seconds"]), f"**{r['median_s']:.1f}**"] for r in rows]
     return table(["compilation cache", "loader workers", "first step finished s (each run)", "median s"], out)
 

@@ -254,7 +254,7 @@ def test_first_step_rows_and_table():
     assert [(r["cache"], r["workers"], r["median_s"]) for r in got] == [("cold", 2, 23.5), ("warm", 2, 8.33),
                                                                         ("warm", 0, 6.67)]
     text = TABLES["first-step"](got)
-    assert "| warm | 2 (the default) | 8.33, 8.17, 8.42 | **8.3** |" in text and "cold (empty folder)" in text
+    assert "| warm | 2 processes | 8.33, 8.17, 8.42 | **8.3** |" in text and "cold (empty folder)" in text
 
 
 def test_a_call_of_several_steps_counts_their_images():
