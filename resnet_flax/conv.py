@@ -204,24 +204,21 @@ def _xsi_jvp(stride, padding, dilation, groups, precision, primals, tangents):
     return conv(x, kernel), conv(d_x, kernel) + conv(_stored(x, kernel), d_kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _xla_forward_matmul_grads(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int,
                               groups: int, precision: Any) -> jax.Array:
-    """XLA's convolution forward; the input and kernel gradients as the patches-matmul form's."""
+    """XLA's convolution forward; its derivatives (so the input and kernel gradients) the patches-matmul form's."""
     return _xla_conv(x, kernel, stride, padding, dilation, groups, precision)
 
 
-def _xmg_fwd(x, kernel, stride, padding, dilation, groups, precision):
-    return _xla_conv(x, kernel, stride, padding, dilation, groups, precision), (x, kernel)
-
-
-def _xmg_bwd(stride, padding, dilation, groups, precision, residuals, ct):
-    x, kernel = residuals
-    _, back = jax.vjp(lambda a, b: _matmul_conv(a, b, stride, padding, dilation, groups, precision), x, kernel)
-    return back(ct)
-
-
-_xla_forward_matmul_grads.defvjp(_xmg_fwd, _xmg_bwd)
+@_xla_forward_matmul_grads.defjvp
+def _xmg_jvp(stride, padding, dilation, groups, precision, primals, tangents):
+    x, kernel = primals
+    d_x, d_kernel = tangents
+    matmul = functools.partial(_matmul_conv, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                               precision=precision)
+    return (_xla_conv(x, kernel, stride, padding, dilation, groups, precision),
+            matmul(d_x, kernel) + matmul(x, d_kernel))
 
 FORMS = {"xla": _xla_conv, "matmul": _matmul_conv, "matmul_grads": _xla_forward_matmul_grads}
 

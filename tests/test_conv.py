@@ -94,16 +94,17 @@ def test_each_backend_compiles_its_form():
         assert "dot_general" not in ops(lambda x, w: C.conv2d(x, w, 1, 1), *small, platform="cpu")
 
 
-@pytest.mark.parametrize("size", [2, 6], ids=["matmul form", "xla form"])
-def test_forward_mode_and_second_derivatives_match_xla_convolution(size):
+@pytest.mark.parametrize(("size", "groups"), [(2, 1), (6, 1), (6, 4)],
+                         ids=["matmul form", "xla form", "grouped: matmul gradients"])
+def test_forward_mode_and_second_derivatives_match_xla_convolution(size, groups):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, size, size, 8)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 8, 8)) * 0.2, jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 8 // groups, 8)) * 0.2, jnp.float32)
     dx, dw = (jnp.asarray(rng.normal(size=a.shape), jnp.float32) for a in (x, w))
 
     def results():
         def f(x, w):
-            return jnp.sum(jnp.tanh(C.conv2d(x, w, 1, 1)))
+            return jnp.sum(jnp.tanh(C.conv2d(x, w, 1, 1, groups=groups)))
 
         _, tangent = jax.jvp(f, (x, w), (dx, dw))
         _, hvp = jax.jvp(jax.grad(f, argnums=(0, 1)), (x, w), (dx, dw))  # forward-over-reverse
