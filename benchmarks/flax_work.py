@@ -18,7 +18,7 @@ from resnet_flax.fuse import fold_batchnorm
 from resnet_flax.io import load_flat_state
 from resnet_flax.layers import COMPUTE_DTYPES
 from train import steps
-from train.host_memory import cpu_is_the_platform, retain_freed_memory
+from train.host_memory import retain_freed_memory
 from train.platforms import leave_out_absent_tpu
 
 
@@ -132,7 +132,7 @@ def build_train(case: Case) -> Workload:
 def build(case: Case) -> Workload:
     """The Flax workload of ``case`` (traced under its convolution policy)."""
     leave_out_absent_tpu()
-    if case.flax.retain_memory and cpu_is_the_platform():
+    if case.flax.retain_memory:
         retain_freed_memory()
     with conv_policy(case.flax.conv):
         return build_infer(case) if case.mode == "infer" else build_train(case)

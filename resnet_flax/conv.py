@@ -220,6 +220,7 @@ def _xmg_jvp(stride, padding, dilation, groups, precision, primals, tangents):
     return (_xla_conv(x, kernel, stride, padding, dilation, groups, precision),
             matmul(d_x, kernel) + matmul(x, d_kernel))
 
+
 FORMS = {"xla": _xla_conv, "matmul": _matmul_conv, "matmul_grads": _xla_forward_matmul_grads}
 
 

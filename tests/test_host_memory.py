@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -41,7 +42,8 @@ PAGES = 128 * 2**20 // 4096  # 32,768
 
 
 def faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the settings apply only to a process limited to the CPU
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.split()[-1])
 
 

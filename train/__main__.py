@@ -19,10 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     from train.platforms import leave_out_absent_tpu
 
     leave_out_absent_tpu()
-    from train.host_memory import cpu_is_the_platform, retain_freed_memory
+    from train.host_memory import retain_freed_memory
 
-    if cpu_is_the_platform():
-        retain_freed_memory()
+    retain_freed_memory()
     redeliver_interrupts()
     from train.compile_cache import enable
 

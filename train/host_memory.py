@@ -22,13 +22,15 @@ _INT_MAX = 2**31 - 1
 
 
 def retain_freed_memory() -> bool:
-    """On glibc, serve every block from one heap that is never given back; whether the settings took.
+    """When JAX is limited to the CPU, on glibc: serve every block from one heap that is never given back; whether
+    the settings took.
 
     The process then keeps its peak heap until it exits (a training run holds its peak for the whole run anyway),
     and all threads share one arena (XLA's threads allocate little besides these blocks). Call it before JAX
     creates its threads, i.e. before the first device query: a thread keeps the arena it first allocated from.
+    A process that may use a GPU or TPU is left as it is (its host threads' trade-off is not measured).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _cpu_is_the_platform() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -39,7 +41,7 @@ def retain_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def cpu_is_the_platform() -> bool:
+def _cpu_is_the_platform() -> bool:
     """Whether JAX is limited to the CPU (``JAX_PLATFORMS=cpu``, or :func:`train.platforms.leave_out_absent_tpu`
     found nothing else), read without starting a backend."""
     import jax
