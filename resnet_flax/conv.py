@@ -1,14 +1,15 @@
 """How a convolution runs on each backend: XLA's convolution, or patches then one matmul where XLA:CPU is slow.
 
-XLA:CPU's convolution is very slow on small feature maps (a 3x3 conv, 512 -> 512 channels on a 2x2 map runs at
-about 2 GFLOP/s; openxla/xla#34273, jax-ml/jax#31662). The same arithmetic as "im2col" (pad, the kh*kw shifted
-windows concatenated on the channel axis, one matmul; grouped convs as a group-batched matmul) runs at matmul
-speed there. XLA:CPU's grouped-convolution gradients are slow at every map size, so grouped convs keep XLA's
-forward and take the matmul form's gradients. :func:`cpu_form` decides per layer from static shapes which form
-the CPU compiles; other backends always get XLA's convolution (``jax.lax.platform_dependent``, so a program
-lowered for a GPU or TPU carries no trace of the others). All forms agree to float32 rounding, forward and
-backward. On the CPU, XLA's form takes its kernel gradient from the stored input and the matmul form its input
-gradient from a materialised kernel transpose, each avoiding a slow path of XLA:CPU (see their docstrings).
+XLA:CPU's convolution is very slow on small feature maps (a 3x3 conv, 512 -> 512 channels on a 2x2 map runs at about
+2 GFLOP/s; openxla/xla#34273, jax-ml/jax#31662). The same arithmetic as "im2col" (pad, the kh*kw shifted windows
+concatenated on the channel axis, one matmul; grouped convs as a group-batched matmul) runs at matmul speed there,
+and leaves out the taps that only ever see padding. XLA:CPU's grouped-convolution gradients are slow at every map
+size, so grouped convs keep XLA's forward and take the matmul form's gradients. :func:`cpu_form` decides per layer
+from static shapes which form the CPU compiles; other backends always get XLA's convolution
+(``jax.lax.platform_dependent``, so a program lowered for a GPU or TPU carries no trace of the others). All forms
+agree to float32 rounding, forward and backward. On the CPU, XLA's form takes its kernel gradient from the stored
+input and the matmul form its input gradient from a materialised kernel transpose, each avoiding a slow path of
+XLA:CPU (see their docstrings).
 
 This module is also the one home of the XLA:CPU compile options the project uses (``CPU_TRAIN_OPTIONS``,
 ``CPU_EVAL_OPTIONS``, :func:`cpu_compiler_options`), since they too select how convolutions run.
@@ -124,25 +125,46 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilati
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, precision=precision)
 
 
+def live_taps(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> list[int]:
+    """The kernel rows (or columns) that meet the input somewhere along one axis; the others only see padding.
+
+    On a 1x1 map a 3x3 kernel with padding 1 meets the input with its centre only, and a 3x3/2 kernel on a 2x2
+    map with its lower-right 2x2: the other taps multiply zeros, so the matmul form leaves them out.
+    """
+    out = (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+    return [i for i in range(kernel_size)
+            if any(padding <= i * dilation + r * stride < padding + size for r in range(out))]
+
+
 def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int, groups: int,
                  precision: Any) -> jax.Array:
-    """The convolution as the kh*kw strided windows of the padded input, concatenated, times the kernel."""
+    """The convolution as the strided windows of the padded input, concatenated, times the kernel.
+
+    Only the taps that meet the input (:func:`live_taps`) take part: the rest would add products with zeros,
+    so their kernel gradient is exactly zero either way, and on the 1x1 maps of a ResNet's last stage at 32 px
+    the matmuls shrink ninefold.
+    """
     n, h, w, cin = x.shape
     kh, kw, cin_g, cout = kernel.shape
     out_h = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
     out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    rows, cols = live_taps(h, kh, stride, padding, dilation), live_taps(w, kw, stride, padding, dilation)
+    if not rows or not cols:  # every window lies in the padding
+        return jnp.zeros((n, out_h, out_w, cout), jnp.result_type(x, kernel))
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     windows = [
         lax.slice(x, (0, i * dilation, j * dilation, 0),
                   (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, cin),
                   (1, stride, stride, 1))
-        for i in range(kh) for j in range(kw)]
+        for i in rows for j in cols]
     kernel = kernel.astype(x.dtype)
+    if len(rows) < kh or len(cols) < kw:
+        kernel = jnp.stack([kernel[i, j] for i in rows for j in cols])
+    taps = len(windows)
     if groups == 1:
-        patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
-        return _patches_dot(patches, kernel.reshape(kh * kw * cin_g, cout), precision)
-    taps = kh * kw
+        patches = windows[0] if taps == 1 else jnp.concatenate(windows, axis=-1)
+        return _patches_dot(patches, kernel.reshape(taps * cin_g, cout), precision)
     patches = jnp.stack(windows, axis=3).reshape(n, out_h, out_w, taps, groups, cin_g)
     k = kernel.reshape(taps, cin_g, groups, cout // groups)
     y = jnp.einsum("nhwtgc,tcgo->nhwgo", patches, k, precision=precision)

@@ -18,6 +18,10 @@ SHAPES = {
     "3x3/2 4->2": (2, 4, 16, 32, 3, 2, 1, 1, 1),
     "3x3/2 odd 7->4": (2, 7, 8, 16, 3, 2, 1, 1, 1),
     "3x3 1x1 map": (3, 1, 16, 16, 3, 1, 1, 1, 1),
+    "3x3/2 2->1": (2, 2, 16, 24, 3, 2, 1, 1, 1),
+    "dilated 3x3 2x2 map": (2, 2, 8, 8, 3, 1, 2, 2, 1),
+    "grouped 3x3 1x1 map": (2, 1, 16, 16, 3, 1, 1, 1, 4),
+    "1x1/3 windows all padding": (2, 1, 4, 8, 1, 3, 2, 1, 1),
     "1x1 4x4": (2, 4, 32, 64, 1, 1, 0, 1, 1),
     "1x1/2 4->2": (2, 4, 32, 64, 1, 2, 0, 1, 1),
     "stem 7x7/2 8->4": (2, 8, 3, 16, 7, 2, 3, 1, 1),
@@ -65,6 +69,26 @@ def test_other_forms_are_as_exact_as_xla_convolution(name):
             # the floor is float32's epsilon (one rounding of an O(1) result, when XLA happens to be exact).
             bound = 4 * max(rel_err(a, r), np.finfo(np.float32).eps)
             assert rel_err(b, r) <= bound, (form, what, rel_err(b, r), rel_err(a, r))
+
+
+def test_taps_that_only_meet_padding_are_left_out():
+    assert C.live_taps(1, 3, 1, 1, 1) == [1] and C.live_taps(2, 3, 2, 1, 1) == [1, 2]
+    assert C.live_taps(2, 3, 1, 1, 1) == [0, 1, 2] and C.live_taps(2, 3, 1, 2, 2) == [1]
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(4, 1, 1, 32)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 32, 16)), jnp.float32)
+
+    def loss(x, w):
+        with C.conv_policy("matmul"):
+            return jnp.sum(C.conv2d(x, w, 1, 1) ** 2)
+
+    # On a 1x1 map only the centre tap meets the input: the matmuls contract over its 32 channels, not 9 x 32,
+    # and the other taps' kernel gradient is exactly zero, as plain autodiff gives.
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    assert "f32[4,32]" in hlo and "f32[4,288]" not in hlo
+    _, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert np.all(np.asarray(dw).reshape(9, -1)[[0, 1, 2, 3, 5, 6, 7, 8]] == 0)
+    assert np.any(np.asarray(dw[1, 1]) != 0)
 
 
 def ops(fn, *args, platform: str | None = None) -> str:
