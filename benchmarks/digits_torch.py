@@ -8,11 +8,15 @@ RandomResizedCrop + flip for training, Resize + CenterCrop for validation, evalu
 ``--in-memory`` is the other script a user writes for a small dataset: every image decoded once into one uint8
 tensor, the same transforms applied to tensors in the training process, no loader workers (which on a small
 machine compete with torch's own threads for the cores).
+
+``--checkpoint-dir DIR`` saves a checkpoint after every epoch, as torchvision's reference script does (model,
+optimizer, scheduler and epoch, with ``torch.save``), keeping the last three as ``python -m train`` does.
 """
 
 import argparse
 import json
 import math
+import os
 
 import torch
 from torchvision import datasets, models
@@ -73,6 +77,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--in-memory", action="store_true", help="decode once, transform tensors, no loader workers")
+    p.add_argument("--checkpoint-dir", help="save a checkpoint here after every epoch, keeping the last three")
     args = p.parse_args()
     size = args.image_size
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
@@ -111,6 +116,13 @@ def main() -> None:
                 correct += (model(x).argmax(1) == y).sum().item()
         top1 = 100.0 * correct / len(val)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f} val top-1 {top1:.2f}%", flush=True)
+        if args.checkpoint_dir:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
+                        "epoch": epoch}, os.path.join(args.checkpoint_dir, f"checkpoint_{epoch}.pth"))
+            old = os.path.join(args.checkpoint_dir, f"checkpoint_{epoch - 3}.pth")
+            if os.path.exists(old):
+                os.remove(old)
     print(json.dumps({"val_top1": top1}))
 
 

@@ -2,12 +2,13 @@
 
 ``python -m benchmarks.end_to_end`` writes scikit-learn's digits (1,797 8x8 images, upscaled to 32 px) as a
 PNG folder with train/ and val/ class folders (stratified 80/20, seeded), then runs, taking turns
-(``--rounds``), ``benchmarks/digits_torch.py`` in its two forms (DataLoader workers; decoded images in memory,
-one process) and ``python -m train --arch resnet18`` with the same recipe:
+(``--rounds``), ``benchmarks/digits_torch.py`` in three forms (DataLoader workers; decoded images in memory,
+one process; the same saving a checkpoint every epoch, as ``python -m train`` does) and
+``python -m train --arch resnet18`` with the same recipe:
 batch 64, SGD (Nesterov momentum 0.9, lr 0.1, 20 warm-up steps then cosine, weight decay 5e-4 on kernels),
 no label smoothing, RandomResizedCrop + flip, 2 loader workers, evaluated every epoch. Each command's wall
 time is measured from its start to its exit (start-up, compilation, checkpoints and evaluations included);
-the final validation top-1 of each is read from its output. The faster PyTorch script is the baseline.
+the final validation top-1 of each is read from its output. The fastest PyTorch script is the baseline.
 Needs ``pip install -e ".[bench]"``.
 """
 
@@ -65,14 +66,24 @@ def workers_text(workers: int | None) -> str:
             "on 2 CPUs or fewer), none for the in-memory script")
 
 
-def torch_command(data: Path, epochs: int, workers: int | None, in_memory: bool = False) -> list[str]:
-    """The plain PyTorch script's command line: DataLoader workers (default 2), or (``in_memory``) none."""
+def torch_command(data: Path, epochs: int, workers: int | None, in_memory: bool = False,
+                  checkpoint_dir: Path | None = None) -> list[str]:
+    """The plain PyTorch script's command line: DataLoader workers (default 2), or (``in_memory``) none; with
+    ``checkpoint_dir``, saving a checkpoint every epoch."""
     r = RECIPE
     return [sys.executable, str(ROOT / "benchmarks" / "digits_torch.py"), str(data), "--epochs", str(epochs),
             "--batch-size", str(r["batch_size"]), "--image-size", str(r["image_size"]), "--lr", str(r["lr"]),
             "--weight-decay", str(r["weight_decay"]), "--warmup-steps", str(r["warmup_steps"]),
             *(["--in-memory"] if in_memory
-              else ["--num-workers", str(DATALOADER_WORKERS if workers is None else workers)])]
+              else ["--num-workers", str(DATALOADER_WORKERS if workers is None else workers)]),
+            *(["--checkpoint-dir", str(checkpoint_dir)] if checkpoint_dir else [])]
+
+
+def torch_impl_command(impl: str, data: Path, epochs: int, workers: int | None, checkpoint_dir: Path
+                       ) -> list[str]:
+    """The command of one of :data:`benchmarks.results.E2E_TORCH_IMPLS`."""
+    return torch_command(data, epochs, workers, in_memory=impl != "torch",
+                         checkpoint_dir=checkpoint_dir if impl == "torch-in-memory-checkpoints" else None)
 
 
 def train_command(data: Path, epochs: int, workers: int | None, workdir: Path) -> list[str]:
@@ -111,14 +122,14 @@ def train_result(proc: subprocess.CompletedProcess, workdir: Path) -> dict[str, 
 
 
 def run(epochs: int, rounds: int, workers: int | None, log: Any = None) -> dict[str, Any]:
-    """Write the digits, then take turns with the three commands ``rounds`` times."""
+    """Write the digits, then take turns with the four commands ``rounds`` times."""
     samples: dict[str, list[dict[str, Any]]] = {impl: [] for impl in results.E2E_IMPLS}
     with tempfile.TemporaryDirectory(prefix="bench-digits-") as tmp:
         data = Path(tmp) / "digits"
         n_train, n_val = write_digits(data)
         for r in range(rounds):
             for impl in results.E2E_TORCH_IMPLS:
-                wall, proc = timed(torch_command(data, epochs, workers, in_memory=impl == "torch-in-memory"))
+                wall, proc = timed(torch_impl_command(impl, data, epochs, workers, Path(tmp) / f"checkpoints{r}"))
                 samples[impl].append({"wall_s": wall, **torch_result(proc)})
             workdir = Path(tmp) / f"workdir{r}"
             wall, proc = timed(train_command(data, epochs, workers, workdir))
@@ -135,8 +146,9 @@ def run(epochs: int, rounds: int, workers: int | None, log: Any = None) -> dict[
                          else {"error": runs[0]["error"]})
     return {"dataset": "sklearn digits, 32 px PNG", "train_images": n_train, "val_images": n_val, "epochs": epochs,
             "rounds": rounds, "num_workers": workers, "recipe": RECIPE, "summary": summary, "samples": samples,
-            "commands": {"torch": " ".join(torch_command(Path("DIGITS"), epochs, workers)[1:]),
-                         "torch-in-memory": " ".join(torch_command(Path("DIGITS"), epochs, workers, True)[1:]),
+            "commands": {**{impl: " ".join(torch_impl_command(impl, Path("DIGITS"), epochs, workers,
+                                                               Path("CHECKPOINTS"))[1:])
+                            for impl in results.E2E_TORCH_IMPLS},
                          "flax": " ".join(train_command(Path("DIGITS"), epochs, workers, Path("WORKDIR"))[1:])}}
 
 
@@ -153,10 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args.epochs, args.rounds, args.num_workers, log=lambda m: print(m, file=sys.stderr, flush=True))
     measured = (f"resnet18 on scikit-learn's digits as {report['train_images']} + {report['val_images']} PNGs at "
                 f"{RECIPE['image_size']} px, {args.epochs} epochs, batch {RECIPE['batch_size']}, SGD, "
-                f"{workers_text(args.num_workers)}, evaluated every epoch, python -m train also checkpointing "
-                f"every epoch (the scripts save nothing); wall time of each whole command, against the faster PyTorch "
-                f"script, "
-                f"median of {args.rounds} round(s), taking turns")
+                f"{workers_text(args.num_workers)}, evaluated every epoch, python -m train and the third script "
+                f"saving a checkpoint every epoch (the other scripts save nothing); wall time of each whole command, "
+                f"against the fastest PyTorch script, median of {args.rounds} round(s), taking turns")
     results.save(args, results.record("end-to-end", results.command_line("benchmarks.end_to_end", argv or sys.argv[1:]),
                                       results.end_to_end_rows(report), settings={"measured": measured}, raw=report))
     sys.stdout.write(REPLY_PREFIX + json.dumps(report) + "\n")

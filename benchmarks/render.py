@@ -126,11 +126,12 @@ def end_to_end_table(rows: Sequence[dict[str, Any]]) -> str:
     """``python -m benchmarks.end_to_end``: the whole command's wall time and final validation top-1."""
     labels = {"torch": "plain PyTorch script (`benchmarks/digits_torch.py`)",
               "torch-in-memory": "plain PyTorch script, images in memory (`digits_torch.py --in-memory`)",
+              "torch-in-memory-checkpoints": "the same, saving a checkpoint every epoch (`--checkpoint-dir`)",
               "flax": "`python -m train`"}
     out = [[labels.get(r["impl"], r["impl"]), num(r.get("wall_s")),
             "n/a" if r.get("val_top1") is None else f"{r['val_top1']:.2f}",
             ratio(r.get("torch_wall_over_this"))] for r in rows]
-    return table(["command", "wall s", "val top-1 %", "faster PyTorch wall / this wall"], out)
+    return table(["command", "wall s", "val top-1 %", "fastest PyTorch wall / this wall"], out)
 
 
 def converter_table(rows: Sequence[dict[str, Any]]) -> str:
