@@ -3,7 +3,7 @@
 ``python -m benchmarks.convs --arch resnet18 resnet50 --image-size 32 64 112 224`` lists each distinct
 convolution of the model at that input size (batch 64, or 16 at 224 px), times its forward pass (compiled
 with the inference options) and its forward + backward (input and kernel gradients, training options; the
-stem's kernel gradient only) in both forms, alternating, and prints the form
+stem's kernel gradient only) in every form of :data:`resnet_flax.conv.FORMS`, alternating, and prints the form
 :func:`resnet_flax.conv.cpu_form` picks; the rule was set from this table.
 """
 
@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
     p.add_argument("--max-map", type=int, help="only convolutions whose output map is at most this wide")
     args = p.parse_args(argv)
-    print("| image | conv (input->output map) | used by | fwd ms xla / matmul | fwd+bwd ms xla / matmul | picks |")
+    forms = " / ".join(C.FORMS)
+    print(f"| image | conv (input->output map) | used by | fwd ms {forms} | fwd+bwd ms {forms} | picks |")
     print("|---|---|---|---|---|---|")
     for size in args.image_size:
         batch = args.batch or (16 if size >= 224 else 64)
