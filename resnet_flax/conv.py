@@ -150,7 +150,7 @@ def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dil
     out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
     rows, cols = live_taps(h, kh, stride, padding, dilation), live_taps(w, kw, stride, padding, dilation)
     if not rows or not cols:  # every window lies in the padding
-        return jnp.zeros((n, out_h, out_w, cout), jnp.result_type(x, kernel))
+        return jnp.zeros((n, out_h, out_w, cout), x.dtype)
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     windows = [
