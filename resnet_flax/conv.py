@@ -83,6 +83,11 @@ def cpu_compiler_options(options: dict[str, Any]) -> dict[str, Any] | None:
     return options
 
 
+def _out_size(size: int, kernel_size: int, stride: int, padding: int, dilation: int) -> int:
+    """The output length along one axis, as PyTorch's and XLA's convolutions compute it."""
+    return (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+
+
 def cpu_form(in_size: int, in_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
              dilation: int = 1, groups: int = 1) -> Form:
     """The fastest form of this square NHWC convolution on XLA:CPU (per-shape timings: `python -m benchmarks.convs`).
@@ -95,7 +100,7 @@ def cpu_form(in_size: int, in_channels: int, kernel_size: int, stride: int = 1, 
     - "xla" otherwise, the 7x7/2 stem included (as patches-matmul it is 2-4x slower, and as a 4x4/1 conv on the
       2x2 space-to-depth input no faster once its kernel gradient is counted).
     """
-    out = (in_size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+    out = _out_size(in_size, kernel_size, stride, padding, dilation)
     if kernel_size > 1 and groups > 1:
         return "matmul_grads"
     if kernel_size > 1 and out * out <= 4:
@@ -131,7 +136,7 @@ def live_taps(size: int, kernel_size: int, stride: int, padding: int, dilation: 
     On a 1x1 map a 3x3 kernel with padding 1 meets the input with its centre only, and a 3x3/2 kernel on a 2x2
     map with its lower-right 2x2: the other taps multiply zeros, so the matmul form leaves them out.
     """
-    out = (size + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1
+    out = _out_size(size, kernel_size, stride, padding, dilation)
     return [i for i in range(kernel_size)
             if any(padding <= i * dilation + r * stride < padding + size for r in range(out))]
 
@@ -146,8 +151,7 @@ def _matmul_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dil
     """
     n, h, w, cin = x.shape
     kh, kw, cin_g, cout = kernel.shape
-    out_h = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    out_h, out_w = _out_size(h, kh, stride, padding, dilation), _out_size(w, kw, stride, padding, dilation)
     rows, cols = live_taps(h, kh, stride, padding, dilation), live_taps(w, kw, stride, padding, dilation)
     if not rows or not cols:  # every window lies in the padding
         return jnp.zeros((n, out_h, out_w, cout), x.dtype)
