@@ -101,6 +101,8 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
     loss_fn = torch.nn.CrossEntropyLoss()
+    if args.checkpoint_dir:
+        os.makedirs(args.checkpoint_dir, exist_ok=True)
     for epoch in range(args.epochs):
         model.train()
         for x, y in loader:
@@ -117,7 +119,6 @@ def main() -> None:
         top1 = 100.0 * correct / len(val)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f} val top-1 {top1:.2f}%", flush=True)
         if args.checkpoint_dir:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
                         "epoch": epoch}, os.path.join(args.checkpoint_dir, f"checkpoint_{epoch}.pth"))
             old = os.path.join(args.checkpoint_dir, f"checkpoint_{epoch - 3}.pth")
