@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import collections
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -50,11 +51,61 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 
 def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = PREFETCH_BATCHES
              ) -> Iterator[tuple[dict[str, jax.Array], int]]:
-    """(global batch, unreadable images in it), keeping ``size`` batches already on the devices."""
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append((to_global(batch, sharding), int(batch["corrupt"].sum()) if "corrupt" in batch else 0))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    """(global batch, unreadable images in it), keeping ``size`` batches already on the devices.
+
+    A thread of its own reads the loader and moves its batches onto the devices, so that work overlaps the step
+    even when JAX runs the step on the calling thread (:mod:`train.host_memory`). Batches come in the loader's
+    order; an error in the loader is raised here; leaving the loop early stops the thread and closes the loader.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                item = (to_global(batch, sharding), int(batch["corrupt"].sum()) if "corrupt" in batch else 0)
+                while not _put(ready, item, stop):
+                    if stop.is_set():
+                        return
+            _put_final(ready, _END, stop)
+        except BaseException as e:  # handed to the consumer, which raises it
+            _put_final(ready, _Failed(e), stop)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _put(ready: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put ``item``, waiting for room at most a tenth of a second (so ``stop`` is seen); whether it went in."""
+    try:
+        ready.put(item, timeout=0.1)
+        return True
+    except queue.Full:
+        return False
+
+
+def _put_final(ready: queue.Queue, item: object, stop: threading.Event) -> None:
+    while not stop.is_set() and not _put(ready, item, stop):
+        pass
