@@ -26,7 +26,7 @@ class FlaxOptions:
     host_round_trip: bool = False  # training: batch from numpy each step and the loss read back (a real loop)
     cpu_compiler_options: tuple[tuple[str, Any], ...] = ()  # XLA options for this compile, on CPU only
     conv: str = "auto"  # resnet_flax.conv policy: "auto" (per-shape choice), "xla" (XLA's convs only), "matmul"
-    retain_memory: bool = False  # CPU: glibc keeps freed blocks (train.host_memory), as python -m train sets it
+    retain_memory: bool = False  # CPU: train.host_memory's settings, as python -m train and train.predict set them
 
     @staticmethod
     def with_options(options: dict[str, Any], **kwargs: Any) -> FlaxOptions:
@@ -72,7 +72,7 @@ def resolve_dtype(requested: str, gpu: bool) -> str:
 
 # The Flax configurations compared in the main table: the plain model, and the fastest levers found here.
 FLAX_PLAIN = FlaxOptions()
-FLAX_FAST_INFER = FlaxOptions.with_options(CPU_EVAL_OPTIONS, fold_bn=True)
+FLAX_FAST_INFER = FlaxOptions.with_options(CPU_EVAL_OPTIONS, fold_bn=True, retain_memory=True)
 FLAX_FAST_TRAIN = FlaxOptions.with_options(CPU_TRAIN_OPTIONS, retain_memory=True)
 
 

@@ -18,6 +18,7 @@ from resnet_flax.model import ResNet, ResNetConfig
 from resnet_flax.weights import EvalTransform
 from train import compile_cache
 from train.errors import CheckpointError, DataError
+from train.host_memory import retain_freed_memory
 from train.platforms import leave_out_absent_tpu
 from train.run_file import RUN_FILE
 from train.storage import AnyPath, StorageError, as_path, local_copy
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --checkpoint {e}", file=sys.stderr)
         return 2
     leave_out_absent_tpu()
+    retain_freed_memory()
     compile_cache.enable(args.compile_cache)
     try:
         for path in args.images:
