@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -54,4 +55,24 @@ def test_leaving_the_loop_early_stops_the_thread_and_closes_the_loader():
             break
     batches.close()  # what the loop's generator gets when a preemption or an error leaves it
     assert closed == [True]
+    assert not prefetch_threads()
+
+
+def test_the_thread_reads_at_most_size_batches_ahead_of_the_one_in_use():
+    _, batch_sharding = make_mesh()
+    read: list = []
+
+    def counting():
+        for batch in loader(20):
+            read.append(1)
+            yield batch
+
+    batches = prefetch(counting(), batch_sharding, size=2)
+    next(batches)
+    deadline = time.monotonic() + 10
+    while len(read) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # room for a read too many
+    assert len(read) == 3  # the batch in use and two ahead, as the step's memory is sized for
+    batches.close()
     assert not prefetch_threads()

@@ -57,14 +57,14 @@ def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, 
     even when JAX runs the step on the calling thread (:mod:`train.host_memory`). Batches come in the loader's
     order; an error in the loader is raised here; leaving the loop early stops the thread and closes the loader.
     """
-    ready: queue.Queue = queue.Queue(maxsize=size)
+    ready: queue.Queue = queue.Queue(maxsize=max(size - 1, 1))  # plus the one the thread holds: ``size`` ahead
     stop = threading.Event()
 
     def produce() -> None:
         try:
             for batch in batches:
                 item = (to_global(batch, sharding), int(batch["corrupt"].sum()) if "corrupt" in batch else 0)
-                while not _put(ready, item, stop):
+                while not _put(ready, item):
                     if stop.is_set():
                         return
             _put_final(ready, _END, stop)
@@ -97,8 +97,8 @@ class _Failed:
         self.error = error
 
 
-def _put(ready: queue.Queue, item: object, stop: threading.Event) -> bool:
-    """Put ``item``, waiting for room at most a tenth of a second (so ``stop`` is seen); whether it went in."""
+def _put(ready: queue.Queue, item: object) -> bool:
+    """Put ``item``, waiting for room at most a tenth of a second (so the caller sees a stop); whether it went in."""
     try:
         ready.put(item, timeout=0.1)
         return True
@@ -107,5 +107,6 @@ def _put(ready: queue.Queue, item: object, stop: threading.Event) -> bool:
 
 
 def _put_final(ready: queue.Queue, item: object, stop: threading.Event) -> None:
-    while not stop.is_set() and not _put(ready, item, stop):
+    """Put the end marker or the error, unless the consumer has stopped."""
+    while not stop.is_set() and not _put(ready, item):
         pass
