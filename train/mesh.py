@@ -60,16 +60,24 @@ def prefetch(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, 
     ready: queue.Queue = queue.Queue(maxsize=max(size - 1, 1))  # plus the one the thread holds: ``size`` ahead
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Queue ``item`` unless the consumer stops first (seen within a tenth of a second); whether it went in."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                item = (to_global(batch, sharding), int(batch["corrupt"].sum()) if "corrupt" in batch else 0)
-                while not _put(ready, item):
-                    if stop.is_set():
-                        return
-            _put_final(ready, _END, stop)
+                if not put((to_global(batch, sharding), int(batch["corrupt"].sum()) if "corrupt" in batch else 0)):
+                    return
+            put(_END)
         except BaseException as e:  # handed to the consumer, which raises it
-            _put_final(ready, _Failed(e), stop)
+            put(_Failed(e))
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
@@ -95,18 +103,3 @@ _END = object()
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
-
-
-def _put(ready: queue.Queue, item: object) -> bool:
-    """Put ``item``, waiting for room at most a tenth of a second (so the caller sees a stop); whether it went in."""
-    try:
-        ready.put(item, timeout=0.1)
-        return True
-    except queue.Full:
-        return False
-
-
-def _put_final(ready: queue.Queue, item: object, stop: threading.Event) -> None:
-    """Put the end marker or the error, unless the consumer has stopped."""
-    while not stop.is_set() and not _put(ready, item):
-        pass
