@@ -164,6 +164,22 @@ def test_max_pool_and_its_gradient_are_torchs_ties_included(size):
     assert np.count_nonzero(np.asarray(gx)) == np.count_nonzero(ref)  # the same inputs receive gradient
 
 
+def test_max_pool_backward_reads_the_stored_first_maximum():
+    """On the CPU the backward pass reads each window's first-maximum offset (int8) as stored by the forward
+    pass, rather than XLA recomputing the comparisons (and the layers before them) inside it."""
+    import re
+
+    from resnet_flax.layers import max_pool
+
+    x = jnp.zeros((2, 8, 8, 4))
+
+    def loss(x):
+        return jnp.sum(max_pool(jax.nn.relu(x * 2.0 + 1.0), 3, 2, 1))
+
+    assert re.search(r"\(s8\[2,4,4,4\]\{[\d,]*\}\) conditional\(", jax.jit(jax.grad(loss)).lower(x).compile().as_text())
+    assert " conditional(" not in jax.jit(loss).lower(x).compile().as_text()
+
+
 def test_forward_mode_agrees_with_reverse_mode():
     """jax.jvp through a whole model (the CPU's custom conv and max-pool rules included) gives the directional
     derivative that the gradient does: <grad f(x), t> = jvp f(x) t, both float32 sums of the same terms."""
