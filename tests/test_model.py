@@ -275,6 +275,10 @@ def test_masked_examples_do_not_move_batchnorm_statistics():
     assert float(np.max(np.abs(leaky_mean - ref_mean))) > 100
     y_noise = float(np.max(np.abs(y_c - batchnorm_stats(clean[::-1])[2][::-1])))  # reordering the batch
     np.testing.assert_allclose(y_m[mask > 0], y_c, rtol=0, atol=2 * max(y_noise, 1e-6))
+    bad = x.copy()
+    bad[2], bad[7, 0] = np.nan, np.inf  # placeholders that hold anything: still left out, exactly as before
+    for a, b in zip(batchnorm_stats(bad, mask), (mean_m, var_m)):
+        np.testing.assert_array_equal(a, b)
     all_ones = batchnorm_stats(clean, np.ones(6, np.float32))
     for a, b in zip(all_ones, (mean_c, var_c, y_c)):
         np.testing.assert_allclose(a, b, rtol=2 * np.finfo(np.float32).eps, atol=1e-6)
