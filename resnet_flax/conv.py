@@ -8,8 +8,8 @@ size, so grouped convs keep XLA's forward and take the matmul form's gradients. 
 from static shapes which form the CPU compiles; other backends always get XLA's convolution
 (``jax.lax.platform_dependent``, so a program lowered for a GPU or TPU carries no trace of the others). All forms
 agree to float32 rounding, forward and backward. On the CPU, XLA's form takes its kernel gradient from the stored
-input and the matmul form its input gradient from a materialised kernel transpose, each avoiding a slow path of
-XLA:CPU (see their docstrings).
+input and a strided convolution's input gradient one input phase at a time, and the matmul form its input gradient
+from a materialised kernel transpose, each avoiding a slow path of XLA:CPU (see their docstrings).
 
 This module is also the one home of the XLA:CPU compile options the project uses (``CPU_TRAIN_OPTIONS``,
 ``CPU_EVAL_OPTIONS``, :func:`cpu_compiler_options`), since they too select how convolutions run.
