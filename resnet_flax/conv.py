@@ -200,13 +200,14 @@ def stored(x: jax.Array, key: jax.Array) -> jax.Array:
     """``x`` through an identity ``lax.cond`` that XLA cannot fold: a buffer that no fusion sees through.
 
     XLA fuses an elementwise producer into each consumer, recomputing it there; behind this its consumers read
-    it once computed. The predicate (``key``'s first element equals itself) is false only for a NaN there, whose
-    gradients are NaN anyway; ``x`` is then NaN (integers: their largest value). ``lax.optimization_barrier``
-    would not do: XLA:CPU removes it before fusion.
+    it once computed. The predicate, that the sum of ``key``'s first elements along its leading axis equals
+    itself (a slice a batch-sharded ``key`` allows), is false only for a NaN among them, whose gradients are NaN
+    anyway; ``x`` is then NaN (integers: their largest value). ``lax.optimization_barrier`` would not do:
+    XLA:CPU removes it before fusion.
     """
-    first = key.reshape(-1)[0]
+    probe = jnp.sum(key[(slice(None),) + (0,) * (key.ndim - 1)])
     fill = jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.iinfo(x.dtype).max
-    return lax.cond(first == first, lambda v: v, lambda v: jnp.full_like(v, fill), x)
+    return lax.cond(probe == probe, lambda v: v, lambda v: jnp.full_like(v, fill), x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
