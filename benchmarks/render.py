@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results import E2E_LABELS
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = (ROOT / "docs" / "performance.md", ROOT / "docs" / "tpu-sizing.md", ROOT / "docs" / "parity.md")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,11 +126,7 @@ def pipeline_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def end_to_end_table(rows: Sequence[dict[str, Any]]) -> str:
     """``python -m benchmarks.end_to_end``: the whole command's wall time and final validation top-1."""
-    labels = {"torch": "plain PyTorch script (`benchmarks/digits_torch.py`)",
-              "torch-in-memory": "plain PyTorch script, images in memory (`digits_torch.py --in-memory`)",
-              "torch-in-memory-checkpoints": "the same, saving a checkpoint every epoch (`--checkpoint-dir`)",
-              "flax": "`python -m train`"}
-    out = [[labels.get(r["impl"], r["impl"]), num(r.get("wall_s")),
+    out = [[E2E_LABELS.get(r["impl"], r["impl"]), num(r.get("wall_s")),
             "n/a" if r.get("val_top1") is None else f"{r['val_top1']:.2f}",
             ratio(r.get("torch_wall_over_this"))] for r in rows]
     return table(["command", "wall s", "val top-1 %", "fastest PyTorch wall / this wall"], out)

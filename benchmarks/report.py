@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Result
-from benchmarks.results import fastest_torch_wall
+from benchmarks.results import E2E_LABELS
+from benchmarks.results import end_to_end_rows as results_end_to_end_rows
 
 
 def fmt(value: float | None, spec: str = ".1f", missing: str = "n/a") -> str:
@@ -128,18 +129,8 @@ def pipeline_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def end_to_end_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the end-to-end run: wall time and final validation top-1 of each command."""
     header = ["command", "wall s", "val top-1 %", "fastest torch wall / this wall"]
-    summary = report.get("summary", {})
-    torch_wall = fastest_torch_wall(summary)
-    rows = []
-    for impl, label in (("torch", "plain PyTorch script"), ("torch-in-memory", "plain PyTorch script, in memory"),
-                        ("torch-in-memory-checkpoints", "the same, a checkpoint every epoch"),
-                        ("flax", "python -m train")):
-        if impl not in summary:
-            continue
-        r = summary.get(impl, {})
-        rows.append([label, fmt(r.get("wall_s"), ".0f"), fmt(r.get("val_top1"), ".2f"),
-                     fmt(ratio(torch_wall, r.get("wall_s")), ".2f")])
-    return header, rows
+    return header, [[E2E_LABELS[r["impl"]], fmt(r["wall_s"], ".0f"), fmt(r["val_top1"], ".2f"),
+                     fmt(r["torch_wall_over_this"], ".2f")] for r in results_end_to_end_rows(report)]
 
 
 def converter_line(report: dict[str, Any]) -> str:

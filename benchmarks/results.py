@@ -220,6 +220,11 @@ def pipeline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 # digits_torch.py with DataLoader workers; with --in-memory; with --in-memory and a checkpoint every epoch
 E2E_TORCH_IMPLS = ("torch", "torch-in-memory", "torch-in-memory-checkpoints")
 E2E_IMPLS = (*E2E_TORCH_IMPLS, "flax")
+# Each end-to-end command's name in the tables (the benchmark's report and docs/performance.md).
+E2E_LABELS = {"torch": "plain PyTorch script (`benchmarks/digits_torch.py`)",
+              "torch-in-memory": "plain PyTorch script, images in memory (`digits_torch.py --in-memory`)",
+              "torch-in-memory-checkpoints": "the same, saving a checkpoint every epoch (`--checkpoint-dir`)",
+              "flax": "`python -m train`"}
 
 
 def fastest_torch_wall(summary: dict[str, Any]) -> float | None:
