@@ -201,8 +201,9 @@ def stored(x: jax.Array, key: jax.Array) -> jax.Array:
 
     XLA fuses an elementwise producer into each consumer, recomputing it there; behind this its consumers read
     it once computed. The predicate, that the sum of ``key``'s first elements along its leading axis equals
-    itself (a slice a batch-sharded ``key`` allows), is false only for a NaN among them, whose gradients are NaN
-    anyway; ``x`` is then NaN (integers: their largest value). ``lax.optimization_barrier`` would not do:
+    itself (a slice a batch-sharded ``key`` allows), is false only when they sum to NaN (a NaN among them, or
+    infinities of both signs), where the gradients are NaN anyway; ``x`` is then NaN (integers: their largest
+    value). ``lax.optimization_barrier`` would not do:
     XLA:CPU removes it before fusion.
     """
     probe = jnp.sum(key[(slice(None),) + (0,) * (key.ndim - 1)])
@@ -213,13 +214,14 @@ def stored(x: jax.Array, key: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _xla_conv_stored_input(x: jax.Array, kernel: jax.Array, stride: int, padding: int, dilation: int, groups: int,
                            precision: Any) -> jax.Array:
-    """XLA's convolution, with gradients shaped for XLA:CPU's slow paths; values are those of plain autodiff.
+    """XLA's convolution, its gradients shaped around XLA:CPU's slow paths and equal to autodiff's to float32.
 
-    - Kernel gradient from the stored input. XLA:CPU computes it as a convolution over the batch, which needs
-      the input transposed (channels first, batch last). It fuses the input's producer (BatchNorm, residual add
-      and ReLU of one or two blocks) into that transpose, recomputing it in transposed order: 5-7x slower than
-      transposing the stored input (a [64, 16, 16, 64] map: 1.5 ms vs 0.2 ms on a 2-core AVX-512 EPYC). The JVP
-      rule's kernel term reads the input through :func:`stored`, so reverse mode's kernel gradient does too.
+    - Kernel gradient from the stored input (bitwise autodiff's). XLA:CPU computes it as a convolution over the
+      batch, which needs the input transposed (channels first, batch last). It fuses the input's producer
+      (BatchNorm, residual add and ReLU of one or two blocks) into that transpose, recomputing it in transposed
+      order: 5-7x slower than transposing the stored input (a [64, 16, 16, 64] map: 1.5 ms vs 0.2 ms on a 2-core
+      AVX-512 EPYC). The JVP rule's kernel term reads the input through :func:`stored`, so reverse mode's kernel
+      gradient does too.
     - A strided convolution's input gradient from :func:`_strided_input_tangent`: one stride-1 convolution per
       input phase instead of XLA's convolution over a gradient dilated with zeros.
     """
